@@ -1,0 +1,1 @@
+"""scheduler: decides what work exists (walks sources, records jobs, enqueues chunks) and the CLI."""

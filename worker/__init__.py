@@ -1,0 +1,1 @@
+"""worker: turns images into panoptic results (DETR model, pre- and postprocessing, Celery task)."""

@@ -1,0 +1,160 @@
+"""The panoptic mask branch of DETR and the whole panoptic model.
+
+Per query, an attention map over the encoder memory (`bbox_attention`) is stacked onto the
+projected features and refined by a small FPN-style convolutional head fed by backbone stages
+3, 2, 1, giving mask logits at stride 4. Every query goes through the head independently (group
+norm is per sample), which is what lets `forward_kept` run the head only for the queries that
+pass the confidence threshold and get exactly the masks the full pass gives them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import STAGE_CHANNELS
+from .detr import DETR, DetrFeatures
+
+# (image, query) pairs per mask-head call; results do not depend on it.
+MASK_HEAD_CHUNK = 32
+
+
+class AttentionMap(nn.Module):
+    """Multi-head attention weights of queries over a feature map (no values).
+
+    queries [B,Q,d], memory [B,d,h,w], mask [B,h,w] → weights [B,Q,heads,h,w]. As trained, the
+    softmax runs jointly over heads and positions.
+    """
+
+    def __init__(self, query_dim: int, hidden_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.q_linear = nn.Linear(query_dim, hidden_dim)
+        self.k_linear = nn.Linear(query_dim, hidden_dim)
+        self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
+
+    def forward(self, queries, memory, mask):
+        q = self.q_linear(queries)
+        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
+        head_dim = self.hidden_dim // self.num_heads
+        qh = q.view(q.shape[0], q.shape[1], self.num_heads, head_dim)
+        kh = k.view(k.shape[0], self.num_heads, head_dim, k.shape[-2], k.shape[-1])
+        weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.normalize_fact, kh)
+        weights = weights.masked_fill(mask[:, None, None], float("-inf"))
+        return F.softmax(weights.flatten(2), dim=-1).view(weights.shape)
+
+
+class MaskHead(nn.Module):
+    """Per-query mask logits from features, the query's attention maps and three FPN stages.
+
+    forward(features [B,d,h,w], attention [N,heads,h,w], laterals of [stage3, stage2, stage1],
+    image_index [N]) → [N,1,H/4,W/4], where N counts (image, query) pairs.
+    """
+
+    def __init__(self, dim: int, fpn_dims: tuple[int, int, int], context_dim: int):
+        super().__init__()
+        inter = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16]
+        self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.gn1 = nn.GroupNorm(8, dim)
+        self.lay2 = nn.Conv2d(dim, inter[1], 3, padding=1)
+        self.gn2 = nn.GroupNorm(8, inter[1])
+        self.lay3 = nn.Conv2d(inter[1], inter[2], 3, padding=1)
+        self.gn3 = nn.GroupNorm(8, inter[2])
+        self.lay4 = nn.Conv2d(inter[2], inter[3], 3, padding=1)
+        self.gn4 = nn.GroupNorm(8, inter[3])
+        self.lay5 = nn.Conv2d(inter[3], inter[4], 3, padding=1)
+        self.gn5 = nn.GroupNorm(8, inter[4])
+        self.out_lay = nn.Conv2d(inter[4], 1, 3, padding=1)
+        self.adapter1 = nn.Conv2d(fpn_dims[0], inter[1], 1)
+        self.adapter2 = nn.Conv2d(fpn_dims[1], inter[2], 1)
+        self.adapter3 = nn.Conv2d(fpn_dims[2], inter[3], 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.constant_(m.bias, 0)
+
+    def laterals(self, fpns: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Adapted FPN stages, computed once per image and shared by all its queries."""
+        return [adapter(fpn) for adapter, fpn in zip((self.adapter1, self.adapter2, self.adapter3), fpns)]
+
+    def forward(self, features, attention, laterals, image_index):
+        """features [B,d,h,w] and `laterals(fpns)` (per image) are shared by the N (image, query)
+        pairs whose image is `image_index` [N]."""
+        x = torch.cat([features[image_index], attention], 1)
+        x = F.relu(self.gn1(self.lay1(x)))
+        x = F.relu(self.gn2(self.lay2(x)))
+        for lateral, conv, norm in zip(laterals, (self.lay3, self.lay4, self.lay5), (self.gn3, self.gn4, self.gn5)):
+            lateral = lateral[image_index]
+            x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
+            x = F.relu(norm(conv(x)))
+        return self.out_lay(x)
+
+
+class DETRPanoptic(nn.Module):
+    """DETR plus its mask branch; parameter names are those of the official panoptic checkpoints."""
+
+    def __init__(self, depth: int, dilation: bool, num_classes: int = 250, num_queries: int = 100,
+                 hidden_dim: int = 256, nheads: int = 8):
+        super().__init__()
+        self.num_queries = num_queries
+        self.detr = DETR(depth, dilation, num_classes, num_queries, hidden_dim, nheads)
+        self.bbox_attention = AttentionMap(hidden_dim, hidden_dim, nheads)
+        self.mask_head = MaskHead(hidden_dim + nheads, tuple(reversed(STAGE_CHANNELS[:3])), hidden_dim)
+
+    def _masks(self, f: DetrFeatures, image_index: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        """Mask logits [N, H/4, W/4] for the (image, query) pairs given by the two index vectors.
+
+        Pairs go through the head in chunks to bound memory: at stride 4 every pair costs
+        tens of megabytes of activations."""
+        attention = self.bbox_attention(f.queries, f.memory, f.memory_mask)
+        laterals = self.mask_head.laterals([f.stages[2], f.stages[1], f.stages[0]])
+        chunks = []
+        for start in range(0, image_index.numel(), MASK_HEAD_CHUNK):
+            images = image_index[start:start + MASK_HEAD_CHUNK]
+            queries = query_index[start:start + MASK_HEAD_CHUNK]
+            chunks.append(self.mask_head(f.projected, attention[images, queries], laterals, images)[:, 0])
+        return torch.cat(chunks)
+
+    @staticmethod
+    def _padding_mask(images: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if padding_mask is None:
+            b, _, h, w = images.shape
+            return torch.zeros((b, h, w), dtype=torch.bool, device=images.device)
+        return padding_mask
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images [B,3,H,W] (normalised), padding_mask [B,H,W] bool (True on padding) or None →
+        {"pred_logits" [B,Q,251], "pred_boxes" [B,Q,4], "pred_masks" [B,Q,H/4,W/4]}, every query."""
+        f = self.detr(images, self._padding_mask(images, padding_mask))
+        b, q = f.pred_logits.shape[:2]
+        image_index = torch.arange(b, device=images.device).repeat_interleave(q)
+        query_index = torch.arange(q, device=images.device).repeat(b)
+        masks = self._masks(f, image_index, query_index)
+        return {"pred_logits": f.pred_logits, "pred_boxes": f.pred_boxes,
+                "pred_masks": masks.view(b, q, *masks.shape[-2:])}
+
+    def forward_kept(self, images: torch.Tensor, padding_mask: torch.Tensor | None,
+                     threshold: float) -> dict[str, torch.Tensor]:
+        """The pruned pass: the mask head runs only for queries that survive the threshold.
+
+        Returns pred_logits and pred_boxes for every query, `keep` [B,Q] bool (best class is not
+        "no object" and its probability > threshold) and `kept_masks` [K,H/4,W/4] for the K kept
+        queries in (image, query) order — the same masks `forward` gives those queries.
+        """
+        f = self.detr(images, self._padding_mask(images, padding_mask))
+        keep = kept_queries(f.pred_logits, threshold)
+        image_index, query_index = keep.nonzero(as_tuple=True)
+        if image_index.numel():
+            masks = self._masks(f, image_index, query_index)
+        else:
+            size = f.stages[0].shape[-2:]
+            masks = f.pred_logits.new_zeros((0, *size))
+        return {"pred_logits": f.pred_logits, "pred_boxes": f.pred_boxes, "keep": keep, "kept_masks": masks}
+
+
+def kept_queries(pred_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B,Q,C+1] logits → [B,Q] bool: the best class is a real class with probability > threshold."""
+    scores, labels = pred_logits.softmax(-1).max(-1)
+    return (labels != pred_logits.shape[-1] - 1) & (scores > threshold)

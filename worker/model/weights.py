@@ -1,0 +1,154 @@
+"""Where each variant's weights come from, and how a weights source becomes a state dict.
+
+The published checkpoints are described here as data, next to the constructor that uses them.
+A weights source is one of:
+  "official"        the published checkpoint, cached in torch hub's checkpoint folder and checked
+                    against the SHA-256 prefix in its file name;
+  "random"          seeded initialisation (smoke runs, tests) — only when asked for by name;
+  a local path, "s3://bucket/key", "http(s)://…" or "file://…".
+Checkpoints are always read with `torch.load(..., weights_only=True)`: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PUBLISHED_BASE_URL = "https://dl.fbaipublicfiles.com/detr/"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    depth: int               # ResNet depth
+    dilation: bool           # DC5: dilated last stage (stride 16)
+    checkpoint: str          # published file name; its 8 hex digits start the file's SHA-256
+    coco_val_pq: float       # published panoptic quality on COCO val2017
+
+    @property
+    def url(self) -> str:
+        return PUBLISHED_BASE_URL + self.checkpoint
+
+    @property
+    def sha256_prefix(self) -> str:
+        return self.checkpoint.rsplit("-", 1)[1].split(".")[0]
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    spec.name: spec for spec in (
+        VariantSpec("detr-r50", 50, False, "detr-r50-panoptic-00ce5173.pth", 43.4),
+        VariantSpec("detr-r50-dc5", 50, True, "detr-r50-dc5-panoptic-da08f1b1.pth", 44.6),
+        VariantSpec("detr-r101", 101, False, "detr-r101-panoptic-40021d53.pth", 45.1),
+    )
+}
+DEFAULT_VARIANT = "detr-r101"
+RANDOM_SEED = 0
+
+
+class WeightsError(RuntimeError):
+    """A weights source that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    state_dict: dict[str, torch.Tensor]
+    sha256: str          # of the checkpoint file's bytes
+    source: str          # as given, for messages and provenance
+
+
+def checkpoint_cache_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(
+            f"cannot read weights from {source}: not a loadable PyTorch checkpoint "
+            f"(weights_only=True refuses pickled code) — {reason}") from exc
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise WeightsError(f"cannot read weights from {source}: expected a state dict or "
+                           f'{{"model": state_dict}}, got {type(checkpoint).__name__}')
+    return checkpoint
+
+
+def _official_path(spec: VariantSpec) -> Path:
+    path = checkpoint_cache_dir() / spec.checkpoint
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(spec.url, str(path), hash_prefix=None, progress=False)
+        except Exception as exc:
+            raise WeightsError(
+                f"the official weights of {spec.name} ({spec.checkpoint}) are not in the cache and "
+                f"could not be downloaded from {spec.url}: {exc}. Download that file on a machine "
+                f"with internet access and copy it to {path}, or pass --weights PATH|s3://…") from exc
+    digest = sha256_of_file(path)
+    if not digest.startswith(spec.sha256_prefix):
+        raise WeightsError(
+            f"{path} does not match the published {spec.checkpoint}: its SHA-256 is {digest}, the "
+            f"published one starts with {spec.sha256_prefix}. Delete it and fetch it again.")
+    return path
+
+
+def _download_url(url: str) -> Path:
+    """http(s) URLs are cached under a name derived from the URL, so reruns do not refetch."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
+    path = checkpoint_cache_dir() / f"url-{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as exc:
+            raise WeightsError(f"cannot download weights from {url}: {exc}") from exc
+    return path
+
+
+def load_weights(source: str, variant: str) -> LoadedWeights:
+    """Resolve a weights source other than "random" into a state dict and the file's SHA-256."""
+    spec = VARIANTS[variant]
+    if source == "official":
+        path = _official_path(spec)
+        data = path.read_bytes()
+    elif source.startswith(("http://", "https://")):
+        data = _download_url(source).read_bytes()
+    elif source.startswith("s3://"):
+        from storage.objects import ObjectStoreError, read_bytes  # the only code that talks to S3
+        try:
+            data = read_bytes(source)
+        except ObjectStoreError as exc:
+            raise WeightsError(f"cannot read weights from {source}: {exc}") from exc
+    else:
+        path = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist (use --weights official, random, "
+                               f"a local path, s3://bucket/key or an https:// URL)")
+        data = path.read_bytes()
+    return LoadedWeights(_state_dict_from_bytes(data, source), hashlib.sha256(data).hexdigest(), source)
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash for weights that have no file (random initialisation): names and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
