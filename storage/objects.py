@@ -137,6 +137,15 @@ def local_path(uri: str | os.PathLike) -> str:
     return p.key
 
 
+def normalize(uri: str | os.PathLike) -> str:
+    """A location in a form that means the same from any working directory: local paths become
+    absolute (``file://`` included), other URIs are returned as they are."""
+    parsed = _parse(uri)
+    if parsed.kind == "local":
+        return os.path.abspath(os.path.expanduser(parsed.key))
+    return os.fspath(uri)
+
+
 def _check_relative(relative: str) -> list[str]:
     if not isinstance(relative, str):
         raise TypeError(f"join: relative path must be a str, not {type(relative).__name__}")

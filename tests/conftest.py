@@ -1,5 +1,8 @@
 """Shared pytest fixtures.
 
+- ``pg_admin_url`` (session) / ``pg_database_url`` (function): PostgreSQL on 127.0.0.1:5432 and a
+  fresh database on it.
+
 - ``s3_server`` (session): a private SeaweedFS ``weed mini`` S3 server on free ports, with the
   AWS_* environment pointing at it for the whole session (restored afterwards).
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server.
@@ -92,3 +95,70 @@ def shared_dir() -> Path:
             pytrace=False,
         )
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL: a fresh database per use on the server at 127.0.0.1:5432
+
+import uuid  # noqa: E402
+
+_PG_CANDIDATES = [
+    os.environ.get("PANOPTIC_TEST_POSTGRES_URL"),
+    "postgresql://postgres@127.0.0.1:5432/test",
+    "postgresql://root@127.0.0.1:5432/test",
+    "postgresql://postgres@127.0.0.1:5432/postgres",
+]
+
+
+def _pg_admin_url() -> str | None:
+    import psycopg
+
+    for url in filter(None, _PG_CANDIDATES):
+        try:
+            with psycopg.connect(url, connect_timeout=3, autocommit=True) as conn:
+                conn.execute("SELECT 1")
+                if conn.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
+                    return url
+        except Exception:
+            continue
+    return None
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url():
+    url = _pg_admin_url()
+    if url is None:
+        pytest.fail("no PostgreSQL server with CREATE DATABASE rights on 127.0.0.1:5432 "
+                    "(start it, or set PANOPTIC_TEST_POSTGRES_URL)")
+    return url
+
+
+def create_pg_database(admin_url: str) -> tuple[str, str]:
+    import psycopg
+    from psycopg import sql
+
+    name = f"panoptic_test_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = admin_url.rsplit("/", 1)[0]
+    return name, f"{base}/{name}"
+
+
+def drop_pg_database(admin_url: str, name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_database_url(pg_admin_url):
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    from storage import db as storage_db
+    name, url = create_pg_database(pg_admin_url)
+    try:
+        yield url
+    finally:
+        storage_db.dispose_all()
+        drop_pg_database(pg_admin_url, name)

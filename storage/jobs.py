@@ -1,0 +1,716 @@
+"""The job repository: jobs, images, leases and per-class statistics in SQL.
+
+Exactly-once effects come from here, not from the broker (see CONTRACTS.md, "Facts learned the
+hard way"):
+
+- :meth:`JobStore.claim` takes an image with a lease and a fencing token in one conditional
+  ``UPDATE … WHERE pending OR lease expired``; a second claimant gets ``None``.
+- :meth:`JobStore.heartbeat` extends the leases a token still holds.
+- :meth:`JobStore.record_success` / :meth:`JobStore.record_failure` / :meth:`JobStore.release`
+  apply only while the image is running under the same token, in one transaction with the job's
+  counters (``x = x + 1``) and, for successes, the replacement of the image's per-class rows.
+  A worker whose lease expired and was re-claimed changes nothing.
+
+Tokens must be unique per claim (a fresh ``uuid4().hex`` per claim or per chunk delivery): fencing
+can only tell claims apart by their tokens. Lease expiry is compared against this process's clock
+(UTC), so the machines' clocks should agree to well within a lease.
+
+Every method opens and closes its own transaction and returns plain dataclasses or dicts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from sqlalchemy import Connection, case, delete, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from storage.db import get_engine, write_engine
+from storage.schema import FINISHED_JOB_STATES, Image, ImageClass, Job, utcnow
+
+__all__ = [
+    "JobStore", "JobStatus", "ImageRecord", "ClaimedImage",
+    "JobNotFound", "AmbiguousJobId", "JobStateError", "TIMING_FIELDS",
+]
+
+T = TypeVar("T")
+
+jobs_t = Job.__table__
+images_t = Image.__table__
+classes_t = ImageClass.__table__
+
+TIMING_FIELDS = ("decode_ms", "model_ms", "postprocess_ms", "upload_ms")
+_ACTIVE_JOB_STATES = ("pending", "running")
+_MIN_PREFIX = 4
+_HEX = re.compile(r"^[0-9a-f]+$")
+_IN_CHUNK = 500  # ids per IN (…) list
+_PAGE = 1000  # rows per page when streaming images
+_MAX_ERROR_CHARS = 20_000
+# PostgreSQL: deadlock detected, serialization failure. Such a transaction is safe to run again.
+_RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+
+
+class JobNotFound(KeyError):
+    """No job has this id (or unique id prefix)."""
+
+    def __init__(self, job_id: str, message: str | None = None):
+        self.job_id = job_id
+        self.message = message or (
+            f"no job with id {job_id!r} (give a full job id or a unique prefix of at least "
+            f"{_MIN_PREFIX} characters; `panoptic-batch status` lists the jobs)"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return self.message
+
+
+class AmbiguousJobId(JobNotFound):
+    """The prefix matches several jobs."""
+
+
+class JobStateError(ValueError):
+    """The job's state does not allow this operation (for example, retrying a cancelled job)."""
+
+
+@dataclass(frozen=True)
+class ClaimedImage:
+    id: int
+    job_id: str
+    key: str
+    uri: str
+    etag: str | None
+    attempts: int  # including this claim
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    name: str
+    source: str
+    dest: str
+    model: str
+    weights: str
+    weights_sha256: str | None
+    threshold: float
+    state: str
+    total: int
+    succeeded: int
+    failed: int
+    pending: int
+    running: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    rate: float  # images finished (succeeded + failed) per second since started_at
+    min_size: int = 800
+    max_size: int = 1333
+    config: dict[str, Any] = field(default_factory=dict)
+    submitted_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_JOB_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: datetimes as ISO 8601 strings (UTC)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, datetime):
+                out[key] = value.isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    job_id: str
+    key: str
+    uri: str
+    etag: str | None
+    size: int | None
+    state: str
+    attempts: int
+    error: str | None
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    output_png: str | None
+    output_json: str | None
+    height: int | None
+    width: int | None
+    segments: int | None
+    decode_ms: float | None
+    model_ms: float | None
+    postprocess_ms: float | None
+    upload_ms: float | None
+    updated_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, datetime):
+                out[key] = value.isoformat()
+        return out
+
+
+_IMAGE_FIELDS = tuple(ImageRecord.__dataclass_fields__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials in URLs
+
+_SECRET_QUERY_KEYS = re.compile(
+    r"^(x-amz-(credential|signature|security-token)|x-goog-(credential|signature)|awsaccesskeyid|"
+    r"signature|sig|token|access_token|auth|authorization|api_key|apikey|key|password|secret|"
+    r"client_secret)$",
+    re.IGNORECASE,
+)
+
+
+def _mask_url_fallback(value: str) -> str:
+    """Hide the password (or a bare user token) and signed-URL secrets; leave non-URLs alone."""
+    if "://" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return value
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = []
+        for pair in query.split("&"):
+            name, eq, _val = pair.partition("=")
+            pairs.append(f"{name}=***" if eq and _SECRET_QUERY_KEYS.match(unquote(name)) else pair)
+        query = "&".join(pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def mask_url(value: str) -> str:
+    """storage.objects.mask_url when that exists, else the small fallback above."""
+    try:
+        from storage.objects import mask_url as objects_mask_url
+    except ImportError:
+        return _mask_url_fallback(value)
+    return objects_mask_url(value)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    return getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+
+
+def _chunks(seq: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+def _check_token(token: str) -> None:
+    # A None token would compare as IS NULL and match unleased rows: refuse it outright.
+    if not isinstance(token, str) or not token:
+        raise ValueError("a lease token must be a non-empty string")
+
+
+def _timings(timings: dict[str, Any] | None) -> dict[str, float | None]:
+    timings = timings or {}
+    out: dict[str, float | None] = {}
+    for name in TIMING_FIELDS:
+        value = timings.get(name, timings.get(name[:-3]))
+        out[name] = None if value is None else float(value)
+    return out
+
+
+class JobStore:
+    """Jobs, images, leases and statistics in the database at ``url`` (see storage.db)."""
+
+    def __init__(self, url: str | None = None):
+        self._url = url
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        return get_engine(self._url)  # per process; schema upgraded on first use
+
+    def _write(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one write transaction (BEGIN IMMEDIATE on SQLite); retry PG deadlocks."""
+        engine = write_engine(self.engine)
+        attempts = 5
+        for attempt in range(attempts):
+            try:
+                with engine.begin() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                if attempt == attempts - 1 or not _retryable(exc):
+                    raise
+                time.sleep(0.005 * (2 ** attempt) * (1 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _read(self):
+        """A read-only connection seeing one consistent snapshot (PG: REPEATABLE READ)."""
+        engine = self.engine
+        if engine.dialect.name == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ")
+        return engine.connect()
+
+    @staticmethod
+    def _resolve(conn: Connection, job_id: str) -> str:
+        """The full id of ``job_id`` (an id, or a unique prefix of at least 4 characters)."""
+        if not isinstance(job_id, str) or not job_id:
+            raise JobNotFound(str(job_id))
+        if conn.scalar(select(jobs_t.c.id).where(jobs_t.c.id == job_id)) is not None:
+            return job_id
+        prefix = job_id.lower()
+        if len(prefix) >= _MIN_PREFIX and _HEX.match(prefix):
+            matches = conn.scalars(
+                select(jobs_t.c.id).where(jobs_t.c.id.startswith(prefix, autoescape=True)).limit(5)
+            ).all()
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise AmbiguousJobId(job_id, f"job id prefix {job_id!r} is ambiguous: it matches "
+                                             f"{', '.join(sorted(matches))}{', …' if len(matches) == 5 else ''}")
+        raise JobNotFound(job_id)
+
+    def resolve(self, job_id: str) -> str:
+        """The full job id for an id or a unique prefix; JobNotFound otherwise."""
+        with self._read() as conn:
+            return self._resolve(conn, job_id)
+
+    @staticmethod
+    def _maybe_finish(conn: Connection, job_id: str, now: datetime) -> None:
+        """Finish a submitted, active job whose images are all done (same transaction as the counters)."""
+        conn.execute(
+            update(jobs_t)
+            .where(
+                jobs_t.c.id == job_id,
+                jobs_t.c.state.in_(_ACTIVE_JOB_STATES),
+                jobs_t.c.submitted_at.is_not(None),
+                jobs_t.c.succeeded + jobs_t.c.failed >= jobs_t.c.total,
+            )
+            .values(
+                state=case(
+                    (jobs_t.c.failed == 0, "succeeded"),
+                    (jobs_t.c.succeeded == 0, "failed"),
+                    else_="partial",
+                ),
+                finished_at=now,
+            )
+        )
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def create_job(self, name: str | None, source: str, dest: str, model: str, weights: str,
+                   threshold: float, min_size: int, max_size: int, config: dict | None = None) -> str:
+        """A new pending job; returns its id (12 random hex digits)."""
+        now = utcnow()
+        values = dict(
+            name=name or source.rstrip("/").rsplit("/", 1)[-1] or source,
+            source=source, dest=dest, model=model,
+            weights=mask_url(str(weights)),
+            weights_sha256=None,
+            threshold=float(threshold), min_size=int(min_size), max_size=int(max_size),
+            config=dict(config or {}),
+            state="pending", total=0, succeeded=0, failed=0, created_at=now,
+        )
+        for _ in range(10):
+            job_id = secrets.token_hex(6)
+            try:
+                self._write(lambda conn: conn.execute(insert(jobs_t).values(id=job_id, **values)))
+            except IntegrityError:  # 48-bit id collision: draw again
+                continue
+            return job_id
+        raise RuntimeError("could not draw an unused job id")
+
+    def add_images(self, job_id: str, entries: Iterable[tuple[str, str, str | None, int | None]],
+                   batch_size: int = 1000) -> Iterator[list[int]]:
+        """Insert ``(key, uri, etag, size)`` entries in batches; yield each batch's new image ids.
+
+        A generator: nothing happens until it is iterated. Each batch is one transaction (bulk
+        insert + ``jobs.total`` bump) committed before its ids are yielded, so the caller can enqueue
+        them at once; memory stays bounded by ``batch_size``. Keys already in the job (or repeated
+        in the batch) are skipped. Call :meth:`finalize_submission` when done.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        job_id = self.resolve(job_id)
+        batch: list[tuple] = []
+        for entry in entries:
+            batch.append(entry)
+            if len(batch) >= batch_size:
+                yield self._insert_batch(job_id, batch)
+                batch = []
+        if batch:
+            yield self._insert_batch(job_id, batch)
+
+    def _insert_batch(self, job_id: str, batch: list[tuple]) -> list[int]:
+        now = utcnow()
+        rows: dict[str, dict[str, Any]] = {}
+        for entry in batch:
+            key, uri, etag, size = (tuple(entry) + (None, None))[:4]
+            if key not in rows:
+                rows[key] = dict(job_id=job_id, key=key, uri=uri, etag=etag,
+                                 size=None if size is None else int(size),
+                                 state="pending", attempts=0, updated_at=now)
+
+        def tx(conn: Connection) -> list[int]:
+            if conn.dialect.name == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as dialect_insert
+            else:
+                from sqlalchemy.dialects.sqlite import insert as dialect_insert
+            stmt = (dialect_insert(images_t)
+                    .on_conflict_do_nothing(index_elements=["job_id", "key"])
+                    .returning(images_t.c.id))
+            ids = sorted(conn.scalars(stmt, list(rows.values())).all())
+            if ids:
+                conn.execute(update(jobs_t).where(jobs_t.c.id == job_id)
+                             .values(total=jobs_t.c.total + len(ids)))
+            return ids
+
+        return self._write(tx)
+
+    def finalize_submission(self, job_id: str) -> JobStatus:
+        """Mark the job fully submitted; finish it now if every image is already done (or none)."""
+        now = utcnow()
+
+        def tx(conn: Connection) -> None:
+            full_id = self._resolve(conn, job_id)
+            conn.execute(update(jobs_t).where(jobs_t.c.id == full_id, jobs_t.c.submitted_at.is_(None))
+                         .values(submitted_at=now))
+            self._maybe_finish(conn, full_id, now)
+
+        self._write(tx)
+        return self.job(job_id)
+
+    def set_weights_sha256(self, job_id: str, sha: str) -> str:
+        """Record the weights' SHA-256 unless one is recorded already; return the recorded one."""
+        def tx(conn: Connection) -> str:
+            full_id = self._resolve(conn, job_id)
+            conn.execute(update(jobs_t).where(jobs_t.c.id == full_id, jobs_t.c.weights_sha256.is_(None))
+                         .values(weights_sha256=sha))
+            return conn.scalar(select(jobs_t.c.weights_sha256).where(jobs_t.c.id == full_id))
+
+        return self._write(tx)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a pending or running job (claims stop; results of images in flight still count).
+
+        Returns False when the job had already finished or been cancelled.
+        """
+        now = utcnow()
+
+        def tx(conn: Connection) -> bool:
+            full_id = self._resolve(conn, job_id)
+            result = conn.execute(update(jobs_t)
+                                  .where(jobs_t.c.id == full_id, jobs_t.c.state.in_(_ACTIVE_JOB_STATES))
+                                  .values(state="cancelled", finished_at=now))
+            return result.rowcount == 1
+
+        return self._write(tx)
+
+    def reset_failed(self, job_id: str) -> list[int]:
+        """Failed images back to pending (attempts and error cleared); the job runs again.
+
+        Returns the ids to enqueue. Raises JobStateError for a cancelled job.
+        """
+        return self.reset_images(job_id, states=("failed",))
+
+    def reset_images(self, job_id: str, image_ids: Iterable[int] | None = None,
+                     states: Iterable[str] = ("failed",)) -> list[int]:
+        """Put finished images (``states`` among failed/succeeded) back to pending for reprocessing.
+
+        Counters are decremented and a reset image's class rows are dropped in the same
+        transaction; the job goes back to running. Running images cannot be reset (their lease
+        holder would still write). Returns the ids reset.
+        """
+        states = tuple(states)
+        if not states or set(states) - {"failed", "succeeded"}:
+            raise ValueError("only failed and succeeded images can be reset")
+        wanted = None if image_ids is None else sorted({int(i) for i in image_ids})
+        now = utcnow()
+
+        def tx(conn: Connection) -> list[int]:
+            full_id = self._resolve(conn, job_id)
+            job_state = conn.scalar(select(jobs_t.c.state).where(jobs_t.c.id == full_id))
+            if job_state == "cancelled":
+                raise JobStateError(f"job {full_id} is cancelled; it cannot be retried")
+            reset: list[tuple[int, str]] = []
+            groups = [None] if wanted is None else list(_chunks(wanted, _IN_CHUNK))
+            for group in groups:
+                where = [images_t.c.job_id == full_id, images_t.c.state.in_(states)]
+                if group is not None:
+                    where.append(images_t.c.id.in_(group))
+                # Old states first (RETURNING gives new values), under the rows' locks.
+                old = conn.execute(select(images_t.c.id, images_t.c.state).where(*where)
+                                   .with_for_update()).all()
+                if not old:
+                    continue
+                ids = [row.id for row in old]
+                conn.execute(update(images_t).where(images_t.c.id.in_(ids))
+                             .values(state="pending", attempts=0, error=None, lease_token=None,
+                                     lease_expires_at=None, updated_at=now))
+                conn.execute(delete(classes_t).where(classes_t.c.image_id.in_(ids)))
+                reset.extend((row.id, row.state) for row in old)
+            if not reset:
+                return []
+            n_failed = sum(1 for _, s in reset if s == "failed")
+            n_succeeded = len(reset) - n_failed
+            conn.execute(update(jobs_t).where(jobs_t.c.id == full_id).values(
+                failed=jobs_t.c.failed - n_failed,
+                succeeded=jobs_t.c.succeeded - n_succeeded,
+                state="running",
+                started_at=func.coalesce(jobs_t.c.started_at, jobs_t.c.created_at),
+                finished_at=None,
+            ))
+            return sorted(i for i, _ in reset)
+
+        return self._write(tx)
+
+    def job(self, job_id: str) -> JobStatus:
+        """The job's status; ``job_id`` may be a unique prefix (≥ 4 characters)."""
+        with self._read() as conn:
+            full_id = self._resolve(conn, job_id)
+            row = conn.execute(select(jobs_t).where(jobs_t.c.id == full_id)).one()
+            running = conn.scalar(select(func.count()).select_from(images_t)
+                                  .where(images_t.c.job_id == full_id, images_t.c.state == "running"))
+        return self._status(row, running or 0)
+
+    def jobs(self) -> list[JobStatus]:
+        """Every job, newest first."""
+        with self._read() as conn:
+            rows = conn.execute(select(jobs_t).order_by(jobs_t.c.created_at.desc(), jobs_t.c.id)).all()
+            running = dict(conn.execute(
+                select(images_t.c.job_id, func.count()).where(images_t.c.state == "running")
+                .group_by(images_t.c.job_id)).all())
+        return [self._status(row, running.get(row.id, 0)) for row in rows]
+
+    @staticmethod
+    def _status(row, running: int) -> JobStatus:
+        done = row.succeeded + row.failed
+        rate = 0.0
+        if row.started_at is not None:
+            elapsed = ((row.finished_at or utcnow()) - row.started_at).total_seconds()
+            if elapsed > 0:
+                rate = done / elapsed
+        return JobStatus(
+            id=row.id, name=row.name, source=row.source, dest=row.dest, model=row.model,
+            weights=row.weights, weights_sha256=row.weights_sha256, threshold=row.threshold,
+            state=row.state, total=row.total, succeeded=row.succeeded, failed=row.failed,
+            pending=max(row.total - done - running, 0), running=running,
+            created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+            rate=rate, min_size=row.min_size, max_size=row.max_size, config=dict(row.config or {}),
+            submitted_at=row.submitted_at,
+        )
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def claim(self, image_id: int, token: str, lease_seconds: float) -> ClaimedImage | None:
+        """Take the image (pending, or running with an expired lease) for ``token``; None if not.
+
+        Also None when the job is cancelled. Moves a pending job to running on its first claim.
+        """
+        _check_token(token)
+        now = utcnow()
+        expires = now + timedelta(seconds=lease_seconds)
+
+        def tx(conn: Connection) -> ClaimedImage | None:
+            job_live = (select(jobs_t.c.id)
+                        .where(jobs_t.c.id == images_t.c.job_id, jobs_t.c.state != "cancelled")
+                        .exists())
+            claimable = (images_t.c.state == "pending") | (
+                (images_t.c.state == "running") & (images_t.c.lease_expires_at < now))
+            row = conn.execute(
+                update(images_t)
+                .where(images_t.c.id == image_id, claimable, job_live)
+                .values(state="running", lease_token=token, lease_expires_at=expires,
+                        attempts=images_t.c.attempts + 1, updated_at=now)
+                .returning(images_t.c.id, images_t.c.job_id, images_t.c.key, images_t.c.uri,
+                           images_t.c.etag, images_t.c.attempts, images_t.c.size)
+            ).first()
+            if row is None:
+                return None
+            conn.execute(update(jobs_t).where(jobs_t.c.id == row.job_id, jobs_t.c.state == "pending")
+                         .values(state="running", started_at=now))
+            return ClaimedImage(id=row.id, job_id=row.job_id, key=row.key, uri=row.uri, etag=row.etag,
+                                attempts=row.attempts, size=row.size)
+
+        return self._write(tx)
+
+    def heartbeat(self, token: str, image_ids: Iterable[int], lease_seconds: float) -> int:
+        """Extend the leases ``token`` still holds among ``image_ids``; returns how many."""
+        _check_token(token)
+        ids = sorted({int(i) for i in image_ids})
+        if not ids:
+            return 0
+        now = utcnow()
+        expires = now + timedelta(seconds=lease_seconds)
+
+        def tx(conn: Connection) -> int:
+            count = 0
+            for group in _chunks(ids, _IN_CHUNK):
+                result = conn.execute(
+                    update(images_t)
+                    .where(images_t.c.id.in_(group), images_t.c.lease_token == token,
+                           images_t.c.state == "running")
+                    .values(lease_expires_at=expires, updated_at=now))
+                count += result.rowcount
+            return count
+
+        return self._write(tx)
+
+    def _fenced_finish(self, conn: Connection, image_id: int, token: str, values: dict) -> str | None:
+        """Apply ``values`` to the image if ``token`` still holds it; return its job id, else None."""
+        row = conn.execute(
+            update(images_t)
+            .where(images_t.c.id == image_id, images_t.c.lease_token == token,
+                   images_t.c.state == "running")
+            .values(lease_token=None, lease_expires_at=None, **values)
+            .returning(images_t.c.job_id)
+        ).first()
+        return None if row is None else row.job_id
+
+    def record_success(self, image_id: int, token: str, *, output_png: str, output_json: str,
+                       height: int, width: int, segments_info: Iterable[dict[str, Any]],
+                       timings: dict[str, Any] | None = None) -> bool:
+        """Record a processed image, if ``token`` still holds its lease; False (no change) if not.
+
+        One transaction: the image row, its per-class rows (replaced: segments and pixels per
+        category_id, from ``segments_info``' ``category_id`` and ``area``), ``jobs.succeeded + 1``,
+        and finishing the job when nothing is left. ``timings`` keys: decode_ms, model_ms,
+        postprocess_ms, upload_ms (or without ``_ms``), in milliseconds.
+        """
+        _check_token(token)
+        per_class: dict[int, list[int]] = {}
+        n_segments = 0
+        for segment in segments_info:
+            n_segments += 1
+            counts = per_class.setdefault(int(segment["category_id"]), [0, 0])
+            counts[0] += 1
+            counts[1] += int(segment["area"])
+        now = utcnow()
+        values = dict(state="succeeded", output_png=output_png, output_json=output_json,
+                      height=int(height), width=int(width), segments=n_segments, error=None,
+                      updated_at=now, **_timings(timings))
+
+        def tx(conn: Connection) -> bool:
+            job_id = self._fenced_finish(conn, image_id, token, values)
+            if job_id is None:
+                return False
+            conn.execute(delete(classes_t).where(classes_t.c.image_id == image_id))
+            if per_class:
+                conn.execute(insert(classes_t), [
+                    dict(image_id=image_id, job_id=job_id, category_id=category, segments=n, pixels=px)
+                    for category, (n, px) in sorted(per_class.items())
+                ])
+            conn.execute(update(jobs_t).where(jobs_t.c.id == job_id)
+                         .values(succeeded=jobs_t.c.succeeded + 1))
+            self._maybe_finish(conn, job_id, now)
+            return True
+
+        return self._write(tx)
+
+    def record_failure(self, image_id: int, token: str, error: str) -> bool:
+        """Record that the image failed, if ``token`` still holds its lease; False (no change) if not."""
+        _check_token(token)
+        now = utcnow()
+        text = str(error)
+        if len(text) > _MAX_ERROR_CHARS:
+            text = text[:_MAX_ERROR_CHARS] + "… (truncated)"
+
+        def tx(conn: Connection) -> bool:
+            job_id = self._fenced_finish(conn, image_id, token,
+                                         dict(state="failed", error=text, updated_at=now))
+            if job_id is None:
+                return False
+            conn.execute(delete(classes_t).where(classes_t.c.image_id == image_id))
+            conn.execute(update(jobs_t).where(jobs_t.c.id == job_id)
+                         .values(failed=jobs_t.c.failed + 1))
+            self._maybe_finish(conn, job_id, now)
+            return True
+
+        return self._write(tx)
+
+    def release(self, image_id: int, token: str) -> bool:
+        """Give a claimed, unprocessed image back (pending again; the claim's attempt is not counted)."""
+        _check_token(token)
+        now = utcnow()
+
+        def tx(conn: Connection) -> bool:
+            result = conn.execute(
+                update(images_t)
+                .where(images_t.c.id == image_id, images_t.c.lease_token == token,
+                       images_t.c.state == "running")
+                .values(state="pending", lease_token=None, lease_expires_at=None, updated_at=now,
+                        attempts=case((images_t.c.attempts > 0, images_t.c.attempts - 1), else_=0)))
+            return result.rowcount == 1
+
+        return self._write(tx)
+
+    def expired(self, job_id: str | None = None, limit: int | None = None) -> list[int]:
+        """Ids of running images whose lease has expired (for a reaper to re-enqueue)."""
+        now = utcnow()
+        with self._read() as conn:
+            stmt = select(images_t.c.id).where(images_t.c.state == "running",
+                                               images_t.c.lease_expires_at < now)
+            if job_id is not None:
+                stmt = stmt.where(images_t.c.job_id == self._resolve(conn, job_id))
+            stmt = stmt.order_by(images_t.c.id)
+            if limit is not None:
+                stmt = stmt.limit(limit)
+            return list(conn.scalars(stmt).all())
+
+    def image(self, image_id: int) -> ImageRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(images_t).where(images_t.c.id == image_id)).first()
+        return None if row is None else ImageRecord(**{k: row._mapping[k] for k in _IMAGE_FIELDS})
+
+    def images(self, job_id: str, state: str | None = None) -> Iterator[ImageRecord]:
+        """The job's images (optionally in one state), by id, fetched a page at a time."""
+        with self._read() as conn:
+            full_id = self._resolve(conn, job_id)
+        last_id = None
+        while True:
+            stmt = select(images_t).where(images_t.c.job_id == full_id)
+            if state is not None:
+                stmt = stmt.where(images_t.c.state == state)
+            if last_id is not None:
+                stmt = stmt.where(images_t.c.id > last_id)
+            with self._read() as conn:
+                rows = conn.execute(stmt.order_by(images_t.c.id).limit(_PAGE)).all()
+            for row in rows:
+                yield ImageRecord(**{k: row._mapping[k] for k in _IMAGE_FIELDS})
+            if len(rows) < _PAGE:
+                return
+            last_id = rows[-1].id
+
+    def class_stats(self, job_id: str) -> list[dict[str, int]]:
+        """Per category over the job's succeeded images: segments, images, pixels."""
+        with self._read() as conn:
+            full_id = self._resolve(conn, job_id)
+            rows = conn.execute(
+                select(classes_t.c.category_id,
+                       func.sum(classes_t.c.segments).label("segments"),
+                       func.count().label("images"),
+                       func.sum(classes_t.c.pixels).label("pixels"))
+                .join(images_t, images_t.c.id == classes_t.c.image_id)
+                .where(classes_t.c.job_id == full_id, images_t.c.state == "succeeded")
+                .group_by(classes_t.c.category_id)
+                .order_by(classes_t.c.category_id)
+            ).all()
+        return [dict(category_id=int(r.category_id), segments=int(r.segments), images=int(r.images),
+                     pixels=int(r.pixels)) for r in rows]
