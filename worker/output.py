@@ -1,0 +1,87 @@
+"""The per-image output files: the COCO panoptic PNG and the JSON document beside it.
+
+PNG: 8-bit RGB, segment id = R + 256·G + 256²·B, 0 = VOID (panopticapi's id2rgb/rgb2id convention).
+JSON: {"file_name", "image", "height", "width", "segments_info", "model": {"name",
+"weights_sha256", "threshold"}}.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+MAX_ID = 256 ** 3 - 1
+SEGMENT_KEYS = ("id", "category_id", "category_name", "isthing", "area", "bbox", "score", "iscrowd")
+
+
+def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
+    """int [H, W] → uint8 [H, W, 3] with id = R + 256·G + 256²·B."""
+    ids = np.asarray(id_map)
+    if ids.ndim != 2:
+        raise ValueError(f"id map must be 2-D, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() > MAX_ID):
+        raise ValueError(f"segment ids must lie in [0, {MAX_ID}]")
+    ids = ids.astype(np.uint32, copy=False)
+    rgb = np.empty((*ids.shape, 3), np.uint8)
+    rgb[..., 0] = ids & 0xFF
+    rgb[..., 1] = (ids >> 8) & 0xFF
+    rgb[..., 2] = (ids >> 16) & 0xFF
+    return rgb
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] → int32 [H, W]."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected an [H, W, 3] array, got shape {rgb.shape}")
+    rgb = rgb.astype(np.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def encode_id_png(id_map: np.ndarray, compress_level: int = 1) -> bytes:
+    """The id map as an 8-bit RGB PNG, by Pillow (lossless at any level; 1 is the fast one)."""
+    buffer = io.BytesIO()
+    Image.fromarray(id_to_rgb(id_map), "RGB").save(buffer, "PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def decode_id_png(data: bytes) -> np.ndarray:
+    """A panoptic PNG → int32 id map [H, W]."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return rgb_to_id(np.asarray(im))
+
+
+def _model_field(model_info: Any, key: str) -> Any:
+    if isinstance(model_info, Mapping):
+        return model_info.get(key)
+    return getattr(model_info, key, None)
+
+
+def result_document(result: Mapping, file_name: str, image_uri: str, model_info: Any) -> dict:
+    """The JSON document for one image.
+
+    result: a postprocessor result ({"id_map", "png", "segments_info"}); file_name: the PNG's name;
+    image_uri: where the source image came from; model_info: a mapping (or object) with `name`,
+    `weights_sha256` and `threshold`.
+    """
+    height, width = np.asarray(result["id_map"]).shape
+    segments = [{k: seg[k] for k in SEGMENT_KEYS} for seg in result["segments_info"]]
+    threshold = _model_field(model_info, "threshold")
+    return {
+        "file_name": file_name,
+        "image": image_uri,
+        "height": int(height),
+        "width": int(width),
+        "segments_info": segments,
+        "model": {
+            "name": _model_field(model_info, "name"),
+            "weights_sha256": _model_field(model_info, "weights_sha256"),
+            "threshold": None if threshold is None else float(threshold),
+        },
+    }
