@@ -1,0 +1,283 @@
+"""The `panoptic-batch` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from worker.model import DEFAULT_VARIANT, VARIANTS
+from worker.predictor import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
+from worker.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from worker.queue import broker_url
+from storage.objects import mask_url
+
+from .submit import DEFAULT_CHUNK_SIZE
+
+
+def model_options(func):
+    """The options accepted wherever a model runs (predict, submit, run)."""
+    options = [
+        click.option("--model", type=click.Choice(sorted(VARIANTS)), default=DEFAULT_VARIANT, show_default=True,
+                     help="DETR panoptic variant."),
+        click.option("--weights", default="official", show_default=True,
+                     help="official (published checkpoint, cached by torch hub), random (seeded, for smoke "
+                          "runs), a local path, s3://bucket/key or an https:// URL."),
+        click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+                     help="Keep queries whose class confidence is above this."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Images per forward pass."),
+        click.option("--min-size", type=click.IntRange(min=1), default=DEFAULT_MIN_SIZE, show_default=True,
+                     help="Resize the shortest side to this many pixels…"),
+        click.option("--max-size", type=click.IntRange(min=1), default=DEFAULT_MAX_SIZE, show_default=True,
+                     help="…keeping the longest side at most this many."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+                     help="Refuse images larger than this (decompression bombs)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="fp32", show_default=True,
+                     help="Autocast precision on CUDA (the CPU runs fp32)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_config(options: dict) -> ModelConfig:
+    return ModelConfig(**{key: options[key] for key in ModelConfig.__dataclass_fields__})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="panoptic-batch")
+def main():
+    """Bulk panoptic segmentation with DETR: folders or S3 in, COCO-panoptic PNG + JSON out."""
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for <stem>.png and <stem>.json per image.")
+@model_options
+def predict(images, out_dir, **options):
+    """Segment IMAGE... on this machine, no queue: writes OUT/<stem>.png and OUT/<stem>.json."""
+    from storage.objects import ObjectStoreError, read_bytes
+    from worker.model import WeightsError
+    from worker.output import result_document
+    from worker.predictor import Predictor
+    from worker.preprocess import ImageDecodeError, decode_image
+
+    config = model_config(options)
+    try:
+        predictor = Predictor(config)
+    except (WeightsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = [Path(uri).stem for uri in images]
+    duplicates = {s for s in stems if stems.count(s) > 1}
+    if duplicates:
+        raise click.ClickException(f"several images would write the same outputs: {', '.join(sorted(duplicates))}")
+
+    failed = []
+    decoded = []
+    for uri in images:
+        try:
+            decoded.append((uri, decode_image(read_bytes(uri), config.max_pixels)))
+        except (ImageDecodeError, ObjectStoreError, OSError) as exc:
+            failed.append(uri)
+            click.echo(f"failed: {uri}: {exc}", err=True)
+    for start in range(0, len(decoded), config.batch_size):
+        chunk = decoded[start:start + config.batch_size]
+        for (uri, image), result in zip(chunk, predictor.predict_batch([im for _, im in chunk])):
+            stem = Path(uri).stem
+            (out_dir / f"{stem}.png").write_bytes(result["png"])
+            document = result_document(result, f"{stem}.png", uri, predictor.model_info)
+            (out_dir / f"{stem}.json").write_text(json.dumps(document, indent=1))
+            click.echo(f"{uri} → {out_dir / (stem + '.png')} ({len(result['segments_info'])} segments)")
+    if failed:
+        click.echo(f"{len(failed)} of {len(images)} images failed: {', '.join(failed)}", err=True)
+        sys.exit(1)
+
+
+def job_options(func):
+    """Options of submit and run, besides the model options."""
+    options = [
+        click.argument("source"),
+        click.option("--dest", required=True, help="s3://bucket/prefix or a folder, outside SOURCE."),
+        click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
+                     help="Images per queued task."),
+        click.option("--include", "includes", multiple=True, metavar="PATTERN",
+                     help="Only keys matching this glob (relative to SOURCE); repeatable."),
+        click.option("--name", help="A name for the job (default: SOURCE)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def job_spec(source, dest, chunk_size, includes, name, options) -> "JobSpec":
+    from .submit import JobSpec
+    return JobSpec(source=source, dest=dest, model=options["model"], weights=options["weights"],
+                   threshold=options["threshold"], min_size=options["min_size"], max_size=options["max_size"],
+                   name=name, includes=tuple(includes), chunk_size=chunk_size,
+                   config={"batch_size": options["batch_size"], "max_pixels": options["max_pixels"]})
+
+
+def open_store():
+    from storage.jobs import JobStore
+    return JobStore()
+
+
+@main.command()
+@job_options
+@click.option("--queue", default=None, help="Broker queue for this job's tasks (default: panoptic); "
+              "e.g. separate queues for nightly and ad-hoc jobs.")
+@model_options
+def submit(source, dest, chunk_size, includes, name, queue, **options):
+    """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
+    from worker.queue import DEFAULT_QUEUE, TASK_NAME, app
+
+    from .submit import SubmitError, submit as submit_job
+
+    spec = job_spec(source, dest, chunk_size, includes, name, options)
+    store = open_store()
+    chunks = 0
+
+    def enqueue(job_id, image_ids):
+        nonlocal chunks
+        app.send_task(TASK_NAME, args=[job_id, image_ids], queue=queue or DEFAULT_QUEUE)
+        chunks += 1
+
+    try:
+        with app.producer_or_acquire():
+            job_id = submit_job(store, spec, enqueue)
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from exc
+    status = store.job(job_id)
+    click.echo(f"job {job_id}: {status.total} images in {chunks} chunks queued on {mask_url(broker_url())}")
+    click.echo(job_id)
+
+
+@main.command()
+@job_options
+@model_options
+def run(source, dest, chunk_size, includes, name, **options):
+    """Submit and process SOURCE in this process: no broker, no servers (SQLite by default).
+
+    Exits 0 when every image succeeded, 1 when some failed (and lists them)."""
+    from worker.pipeline import ChunkProcessor
+
+    from .submit import SubmitError, submit as submit_job
+
+    spec = job_spec(source, dest, chunk_size, includes, name, options)
+    store = open_store()
+    chunks: list[tuple[str, list[int]]] = []
+    try:
+        job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)))
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from exc
+    processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
+    try:
+        for job, ids in chunks:
+            processor.process(job, ids)
+    except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
+        if type(exc).__name__ in ("WeightsError", "ValueError"):
+            raise click.ClickException(str(exc)) from exc
+        raise
+    status = store.job(job_id)
+    click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
+               f"{status.failed} failed")
+    if status.failed:
+        for image in store.images(job_id, state="failed"):
+            click.echo(f"  failed: {image.key}: {image.error}", err=True)
+        sys.exit(1)
+    click.echo(job_id)
+
+
+@main.command()
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N (one worker per GPU).")
+@click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="fp32", show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes. Keep 1 per GPU: each process loads its own model.")
+@click.option("--queues", default=None, help="Comma-separated queues to consume (default: panoptic).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(device, precision, concurrency, queues, loglevel):
+    """Start a Celery worker that processes queued chunks (broker: $PANOPTIC_BROKER_URL)."""
+    import os
+
+    from worker.queue import DEFAULT_QUEUE, app
+
+    os.environ["PANOPTIC_DEVICE"] = device
+    os.environ["PANOPTIC_PRECISION"] = precision
+    app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
+                     f"--queues={queues or DEFAULT_QUEUE}", "--without-gossip", "--without-mingle"])
+
+
+def status_dict(status) -> dict:
+    return {"id": status.id, "name": status.name, "state": status.state, "total": status.total,
+            "succeeded": status.succeeded, "failed": status.failed, "pending": status.pending,
+            "running": status.running, "rate": round(status.rate, 3), "source": status.source,
+            "dest": status.dest, "model": status.model, "weights": status.weights,
+            "weights_sha256": status.weights_sha256, "threshold": status.threshold,
+            "created_at": _iso(status.created_at), "started_at": _iso(status.started_at),
+            "finished_at": _iso(status.finished_at)}
+
+
+def _iso(moment):
+    return moment.isoformat() if moment else None
+
+
+def _find_job(store, job_id):
+    from storage.jobs import JobNotFound
+    try:
+        return store.job(job_id)
+    except JobNotFound as exc:
+        raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(job_id, as_json):
+    """Progress of JOB_ID, or of every job."""
+    store = open_store()
+    statuses = [_find_job(store, job_id)] if job_id else store.jobs()
+    if as_json:
+        payload = [status_dict(s) for s in statuses]
+        click.echo(json.dumps(payload[0] if job_id else payload, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("job", "name", "state", "total", "succeeded", "failed", "pending", "images/s")
+    for s in statuses:
+        table.add_row(s.id, s.name, s.state, str(s.total), str(s.succeeded), str(s.failed), str(s.pending),
+                      f"{s.rate:.2f}")
+    Console().print(table)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def stats(job_id, as_json):
+    """Per-class statistics of a job's succeeded images: segments, images, pixels."""
+    from worker.categories import category_name, isthing
+
+    store = open_store()
+    job = _find_job(store, job_id)
+    rows = [{"category_id": r["category_id"], "category_name": category_name(r["category_id"]),
+             "isthing": isthing(r["category_id"]), "segments": r["segments"], "images": r["images"],
+             "pixels": r["pixels"]} for r in store.class_stats(job.id)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table("id", "category", "thing", "segments", "images", "pixels", title=f"job {job.id}")
+    for r in rows:
+        table.add_row(str(r["category_id"]), r["category_name"], "yes" if r["isthing"] else "no",
+                      str(r["segments"]), str(r["images"]), str(r["pixels"]))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The whole pipeline on real services: SeaweedFS S3, Redis, PostgreSQL, real worker processes.
+
+`submit` walks a bucket, a `panoptic-batch worker` (or two) processes the job through Celery on
+Redis, results land in the bucket; `run` does the same in one process on SQLite and folders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.jobs import JobStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+# Small, fast settings: R50 with seeded random weights at 64 px; threshold 0 keeps queries, so
+# segments, uploads and statistics are all exercised.
+MODEL_ARGS = ["--model", "detr-r50", "--weights", "random", "--min-size", "64", "--max-size", "128",
+              "--threshold", "0", "--batch-size", "2"]
+
+
+def exe() -> str:
+    path = shutil.which("panoptic-batch", path=os.path.dirname(sys.executable)) or shutil.which("panoptic-batch")
+    assert path, "the panoptic-batch console script is not installed"
+    return path
+
+
+def cli(*args, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([exe(), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def generated_images() -> dict[str, bytes]:
+    """Images of several sizes and formats, keyed by their path relative to SOURCE."""
+    rng = np.random.default_rng(7)
+    specs = {"a/wide.jpg": (120, 70, "JPEG"), "a/tall.PNG": (50, 90, "PNG"), "b/square.webp": (64, 64, "WEBP"),
+             "b/c/grey.bmp": (40, 30, "BMP"), "deep/x/y/z.tiff": (33, 47, "TIFF"), "e.jpeg": (200, 100, "JPEG")}
+    files = {}
+    for key, (w, h, fmt) in specs.items():
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buffer, fmt)
+        files[key] = buffer.getvalue()
+    return files
+
+
+def source_files(shared_dir: Path) -> dict[str, bytes]:
+    files = generated_images()
+    for path in sorted((shared_dir / "data/coco-sample/images").glob("*.jpg")):
+        files[f"coco/{path.name}"] = path.read_bytes()
+    files["notes/readme.txt"] = b"not an image: never listed"
+    return files
+
+
+def expected_outputs(keys) -> set[str]:
+    stems = {k.rsplit(".", 1)[0] for k in keys if not k.endswith(".txt")}
+    return {f"{s}.png" for s in stems} | {f"{s}.json" for s in stems}
+
+
+def wait_finished(job_id: str, env: dict, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = cli("status", job_id, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        if status["state"] in ("succeeded", "partial", "failed", "cancelled"):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {status}")
+
+
+def stats_from_documents(documents: list[dict]) -> dict[int, dict]:
+    totals: dict[int, dict] = defaultdict(lambda: {"segments": 0, "images": 0, "pixels": 0})
+    for document in documents:
+        seen = set()
+        for segment in document["segments_info"]:
+            row = totals[segment["category_id"]]
+            row["segments"] += 1
+            row["pixels"] += segment["area"]
+            seen.add(segment["category_id"])
+        for category in seen:
+            totals[category]["images"] += 1
+    return dict(totals)
+
+
+def check_stats(job_id, env, documents):
+    result = cli("stats", job_id, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert {r["category_id"]: {"segments": r["segments"], "images": r["images"], "pixels": r["pixels"]}
+            for r in rows} == stats_from_documents(documents)
+    assert all(r["category_name"] and isinstance(r["isthing"], bool) for r in rows)
+    assert sum(r["segments"] for r in rows) > 0
+
+
+def decode_ids(png: bytes) -> np.ndarray:
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.uint32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def check_result_pair(png: bytes, document: dict, source_bytes: bytes, key: str):
+    ids = decode_ids(png)
+    with Image.open(io.BytesIO(source_bytes)) as original:
+        assert ids.shape == (original.height, original.width), key
+    assert (document["height"], document["width"]) == ids.shape
+    assert sorted(s["id"] for s in document["segments_info"]) == sorted(set(np.unique(ids).tolist()) - {0})
+    for segment in document["segments_info"]:
+        assert segment["area"] == int((ids == segment["id"]).sum())
+
+
+@pytest.fixture
+def services_env(s3_server, pg_database_url):
+    queue = f"test-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=pg_database_url, PANOPTIC_BROKER_URL=REDIS_URL,
+               PYTHONUNBUFFERED="1")
+    return env, queue
+
+
+def start_worker(env, queue, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen([exe(), "worker", "--device", "cpu", "--queues", queue, "--loglevel", "INFO"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(process: subprocess.Popen):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
+def test_submit_and_workers_on_s3_redis_postgres(services_env, s3_bucket, shared_dir, tmp_path, workers):
+    env, queue = services_env
+    s3 = boto3.client("s3")
+    files = source_files(shared_dir)
+    for key, data in files.items():
+        s3.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
+    s3.put_object(Bucket=s3_bucket, Key="in/empty-folder/", Body=b"")     # a folder marker
+
+    submitted = cli("submit", f"s3://{s3_bucket}/in", "--dest", f"s3://{s3_bucket}/out", "--queue", queue,
+                    "--chunk-size", "3", "--name", "e2e", *MODEL_ARGS, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+
+    processes = [start_worker(env, queue, tmp_path / f"worker{i}.log") for i in range(workers)]
+    try:
+        status = wait_finished(job_id, env)
+    finally:
+        for process in processes:
+            stop_worker(process)
+    logs = "\n".join((tmp_path / f"worker{i}.log").read_text(errors="replace") for i in range(workers))
+    image_keys = [k for k in files if not k.endswith(".txt")]
+    assert status["state"] == "succeeded", logs[-3000:]
+    assert (status["total"], status["succeeded"], status["failed"], status["pending"]) == (len(image_keys), len(image_keys), 0, 0)
+    assert status["name"] == "e2e"
+
+    listed = {o["Key"][len("out/"):] for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=s3_bucket, Prefix="out/") for o in page.get("Contents", [])}
+    assert listed == expected_outputs(files)
+
+    documents = []
+    store = JobStore(env["PANOPTIC_DATABASE_URL"])
+    rows = {row.key: row for row in store.images(job_id)}
+    assert set(rows) == set(image_keys)
+    for key in image_keys:
+        stem = key.rsplit(".", 1)[0]
+        png = s3.get_object(Bucket=s3_bucket, Key=f"out/{stem}.png")["Body"].read()
+        document = json.loads(s3.get_object(Bucket=s3_bucket, Key=f"out/{stem}.json")["Body"].read())
+        check_result_pair(png, document, files[key], key)
+        assert document["image"] == f"s3://{s3_bucket}/in/{key}"
+        assert document["file_name"] == stem.rsplit("/", 1)[-1] + ".png"
+        row = rows[key]
+        assert row.state == "succeeded" and row.attempts == 1     # processed once, by one worker
+        assert row.output_png == f"s3://{s3_bucket}/out/{stem}.png"
+        assert (row.height, row.width) == (document["height"], document["width"])
+        assert row.segments == len(document["segments_info"])
+        assert row.etag and row.size == len(files[key])
+        documents.append(document)
+    check_stats(job_id, env, documents)
+
+
+def test_run_embedded_on_sqlite_and_folders(tmp_path, shared_dir):
+    source, dest = tmp_path / "in", tmp_path / "out"
+    files = source_files(shared_dir)
+    files["broken.jpg"] = b"\xff\xd8\xff this is no JPEG"
+    for key, data in files.items():
+        (source / key).parent.mkdir(parents=True, exist_ok=True)
+        (source / key).write_bytes(data)
+    env = {k: v for k, v in os.environ.items() if k not in ("PANOPTIC_DATABASE_URL", "PANOPTIC_BROKER_URL")}
+    env["PANOPTIC_BROKER_URL"] = "redis://127.0.0.1:1/0"     # proves that run needs no broker
+    result = subprocess.run([exe(), "run", str(source), "--dest", str(dest), *MODEL_ARGS], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 1, result.stderr                 # broken.jpg failed…
+    assert "broken.jpg" in result.stderr and "cannot decode image" in result.stderr
+    assert (tmp_path / "panoptic-batch.db").exists()             # the default SQLite database
+
+    good = {k: v for k, v in files.items() if k != "broken.jpg"}
+    written = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert written == expected_outputs(good)                     # …and everything else succeeded
+    status = json.loads(subprocess.run([exe(), "status", "--json"], capture_output=True, text=True, env=env,
+                                       cwd=tmp_path, timeout=120).stdout)
+    assert len(status) == 1
+    assert status[0]["state"] == "partial"
+    n = len([k for k in good if not k.endswith(".txt")])
+    assert (status[0]["succeeded"], status[0]["failed"], status[0]["total"]) == (n, 1, n + 1)
+    documents = []
+    for key in good:
+        if key.endswith(".txt"):
+            continue
+        stem = key.rsplit(".", 1)[0]
+        document = json.loads((dest / f"{stem}.json").read_text())
+        check_result_pair((dest / f"{stem}.png").read_bytes(), document, files[key], key)
+        documents.append(document)
+    stats = subprocess.run([exe(), "stats", status[0]["id"], "--json"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=120)
+    rows = json.loads(stats.stdout)
+    assert {r["category_id"]: {"segments": r["segments"], "images": r["images"], "pixels": r["pixels"]}
+            for r in rows} == stats_from_documents(documents)
+
+
+def test_submit_refuses_dest_inside_source(tmp_path):
+    (tmp_path / "in").mkdir()
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    result = cli("run", str(tmp_path / "in"), "--dest", str(tmp_path / "in" / "out"), *MODEL_ARGS, env=env)
+    assert result.returncode != 0 and "overlaps SOURCE" in result.stderr

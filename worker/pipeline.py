@@ -1,0 +1,214 @@
+"""Process a chunk of a job's images: claim → fetch → decode → DETR → postprocess → upload → record.
+
+This is the one per-image code path: the Celery task (`worker.queue`) and the embedded `run`
+mode both call `ChunkProcessor.process`. Effects are exactly-once through the database: each
+image is claimed with a lease and a fencing token, results are written under deterministic keys,
+and a result is recorded only while the claim still holds (see storage.jobs).
+
+Downloads and decoding of a batch run in threads while the model works on the previous batch;
+PNG/JSON uploads and result records run in threads while the model works on the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from PIL import Image
+
+from storage import objects
+from storage.jobs import JobStore
+
+from .output import result_document
+from .predictor import ModelConfig, Predictor
+from .preprocess import decode_image
+
+log = logging.getLogger(__name__)
+
+# A claim lasts this long without a heartbeat; heartbeats renew it every third of that.
+LEASE_SECONDS = 300
+IO_THREADS = 8
+
+
+def output_stem(key: str) -> str:
+    """The image's path relative to SOURCE with its extension removed; never escapes DEST."""
+    path = PurePosixPath(key)
+    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+        raise ValueError(f"unsafe image key {key!r}: outputs must stay inside DEST")
+    return str(path.with_suffix(""))
+
+
+@dataclass
+class ImageOutcome:
+    image_id: int
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class _Decoded:
+    image_id: int
+    key: str
+    uri: str
+    image: Image.Image | None
+    error: str | None
+    decode_ms: float
+
+
+class _LeaseKeeper:
+    """Renews the leases of the images a chunk holds while it works on them."""
+
+    def __init__(self, store: JobStore, token: str):
+        self.store, self.token = store, token
+        self.held: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def hold(self, image_id: int):
+        with self._lock:
+            self.held.add(image_id)
+
+    def drop(self, image_id: int):
+        with self._lock:
+            self.held.discard(image_id)
+
+    def _run(self):
+        while not self._stop.wait(LEASE_SECONDS / 3):
+            with self._lock:
+                ids = list(self.held)
+            if ids:
+                try:
+                    self.store.heartbeat(self.token, ids, LEASE_SECONDS)
+                except Exception:  # a missed heartbeat only shortens the lease; keep working
+                    log.exception("lease heartbeat failed")
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class ChunkProcessor:
+    """Turns (job, image ids) into uploaded results; holds the model for the process's lifetime."""
+    store: JobStore
+    device: str = "auto"
+    precision: str = "fp32"
+    _predictor: Predictor | None = field(default=None, init=False, repr=False)
+
+    def predictor_for(self, job) -> Predictor:
+        config = ModelConfig(model=job.model, weights=job.weights, threshold=job.threshold,
+                             min_size=job.min_size, max_size=job.max_size,
+                             max_pixels=job.config.get("max_pixels", ModelConfig.max_pixels),
+                             batch_size=job.config.get("batch_size", 1),
+                             device=self.device, precision=self.precision)
+        if self._predictor is None or self._predictor.config != config:
+            self._predictor = None          # free the old model before loading the next
+            self._predictor = Predictor(config)
+        return self._predictor
+
+    def process(self, job_id: str, image_ids: list[int]) -> list[ImageOutcome]:
+        job = self.store.job(job_id)
+        if job.state == "cancelled":
+            return []
+        predictor = self.predictor_for(job)
+        self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
+        token = uuid.uuid4().hex
+        leases = _LeaseKeeper(self.store, token)
+        outcomes: list[ImageOutcome] = []
+        batch_size = predictor.config.batch_size
+        batches = [image_ids[i:i + batch_size] for i in range(0, len(image_ids), batch_size)]
+        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io") as pool:
+            pending_uploads: list[Future] = []
+            next_fetch = self._fetch(pool, batches[0], token, leases, predictor) if batches else None
+            for index in range(len(batches)):
+                decoded = [f.result() for f in next_fetch]
+                if index + 1 < len(batches):
+                    if self.store.job(job_id).state == "cancelled":
+                        next_fetch = None
+                    else:
+                        next_fetch = self._fetch(pool, batches[index + 1], token, leases, predictor)
+                pending_uploads += self._run_batch(pool, job, predictor, decoded, token, leases, outcomes)
+                if next_fetch is None:
+                    break
+            for future in pending_uploads:
+                outcomes.append(future.result())
+        leases.close()
+        return outcomes
+
+    def _fetch(self, pool, ids, token, leases, predictor) -> list[Future]:
+        return [pool.submit(self._claim_and_decode, image_id, token, leases, predictor.config.max_pixels)
+                for image_id in ids]
+
+    def _claim_and_decode(self, image_id, token, leases, max_pixels) -> _Decoded | None:
+        claimed = self.store.claim(image_id, token, LEASE_SECONDS)
+        if claimed is None:
+            return None                      # done already, or another worker holds it
+        leases.hold(image_id)
+        start = time.perf_counter()
+        try:
+            image = decode_image(objects.read_bytes(claimed.uri), max_pixels)
+            error = None
+        except Exception as exc:            # a bad image fails alone, with its reason
+            image, error = None, f"{type(exc).__name__}: {exc}"
+        return _Decoded(image_id, claimed.key, claimed.uri, image, error, (time.perf_counter() - start) * 1e3)
+
+    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes) -> list[Future]:
+        good = [d for d in decoded if d is not None and d.image is not None]
+        for d in decoded:
+            if d is not None and d.image is None:
+                self.store.record_failure(d.image_id, token, d.error)
+                leases.drop(d.image_id)
+                outcomes.append(ImageOutcome(d.image_id, False, d.error))
+        if not good:
+            return []
+        start = time.perf_counter()
+        try:
+            results = predictor.predict_batch([d.image for d in good])
+        except Exception as exc:
+            # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
+            # so that only the image that cannot be processed fails.
+            if len(good) == 1:
+                error = f"{type(exc).__name__}: {exc}"
+                self.store.record_failure(good[0].image_id, token, error)
+                leases.drop(good[0].image_id)
+                outcomes.append(ImageOutcome(good[0].image_id, False, error))
+                return []
+            log.warning("batch failed (%s); retrying its images one by one", exc)
+            futures = []
+            for d in good:
+                futures += self._run_batch(pool, job, predictor, [d], token, leases, outcomes)
+            return futures
+        model_ms = (time.perf_counter() - start) * 1e3 / len(good)
+        return [pool.submit(self._upload_and_record, job, predictor, d, r, token, leases, model_ms)
+                for d, r in zip(good, results)]
+
+    def _upload_and_record(self, job, predictor, d: _Decoded, result, token, leases, model_ms) -> ImageOutcome:
+        start = time.perf_counter()
+        try:
+            stem = output_stem(d.key)
+            png_uri = objects.join(job.dest, stem + ".png")
+            json_uri = objects.join(job.dest, stem + ".json")
+            document = result_document(result, PurePosixPath(stem).name + ".png", d.uri, predictor.model_info)
+            objects.write_bytes(png_uri, result["png"], content_type="image/png")
+            objects.write_bytes(json_uri, json.dumps(document).encode(), content_type="application/json")
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            self.store.record_failure(d.image_id, token, error)
+            leases.drop(d.image_id)
+            return ImageOutcome(d.image_id, False, error)
+        height, width = result["id_map"].shape
+        self.store.record_success(
+            d.image_id, token, output_png=png_uri, output_json=json_uri, height=height, width=width,
+            segments_info=document["segments_info"],
+            timings={"decode_ms": d.decode_ms, "model_ms": model_ms,
+                     "upload_ms": (time.perf_counter() - start) * 1e3})
+        leases.drop(d.image_id)
+        return ImageOutcome(d.image_id, True)

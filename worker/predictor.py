@@ -1,0 +1,96 @@
+"""One image → one panoptic result: the code path shared by `predict`, `run` and the workers.
+
+A `Predictor` owns a loaded model on its device and turns decoded images into COCO-panoptic
+results in batches: preprocess → DETR (mask head pruned to confident queries) → postprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+from .model import DEFAULT_VARIANT, create_model
+from .postprocess import postprocess_kept
+from .preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, image_tensor, pad_batch, processed_size
+
+DEFAULT_THRESHOLD = 0.85
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides what a result looks like, plus where it runs."""
+    model: str = DEFAULT_VARIANT
+    weights: str = "official"
+    threshold: float = DEFAULT_THRESHOLD
+    min_size: int = DEFAULT_MIN_SIZE
+    max_size: int = DEFAULT_MAX_SIZE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" → the first CUDA device if there is one, else the CPU; others as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+class Predictor:
+    def __init__(self, config: ModelConfig):
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
+        if not 0.0 <= config.threshold < 1.0:
+            raise ValueError(f"--threshold must be in [0, 1), not {config.threshold}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        if self.device.type != "cuda" and config.precision != "fp32":
+            raise ValueError(f"--precision {config.precision} needs a CUDA device; the CPU runs fp32")
+        self.model = create_model(config.model, weights=config.weights).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def model_info(self) -> dict:
+        """What each result's JSON records about the model that made it."""
+        return {"name": self.config.model, "weights_sha256": self.model.weights_sha256,
+                "threshold": self.config.threshold}
+
+    def _autocast(self):
+        dtype = PRECISIONS[self.config.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def predict_batch(self, images: list[Image.Image]) -> list[dict]:
+        """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info})."""
+        cfg = self.config
+        sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
+        batch = pad_batch([image_tensor(im, size, self.device) for im, size in zip(images, sizes)])
+        pixels = batch.images
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
+        outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
+        return postprocess_kept(outputs, batch.sizes, [(im.height, im.width) for im in images])
+
+    def predict(self, images: list[Image.Image]) -> list[dict]:
+        """Any number of images, in batches of `batch_size`, results in input order."""
+        results = []
+        for start in range(0, len(images), self.config.batch_size):
+            results.extend(self.predict_batch(images[start:start + self.config.batch_size]))
+        return results

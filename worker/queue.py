@@ -1,0 +1,78 @@
+"""The Celery application: broker settings and the chunk task.
+
+Settings follow what at-least-once delivery on Redis needs (see CONTRACTS.md, "Facts learned the
+hard way"): JSON only, late acks, one message prefetched per process, tasks re-queued when a
+worker is lost, and a visibility timeout well above the longest chunk. Exactly-once effects come
+from the database claims in `worker.pipeline`, not from Celery.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+BROKER_ENV = "PANOPTIC_BROKER_URL"
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+TASK_NAME = "panoptic_batch.process_chunk"
+DEFAULT_QUEUE = "panoptic"
+# A chunk of a few dozen images takes minutes on a GPU; redelivery waits this long (Redis).
+VISIBILITY_TIMEOUT_S = 4 * 3600
+# A chunk that runs past these is stopped (soft: finishes cleanly; hard: the process is killed).
+SOFT_TIME_LIMIT_S = 3 * 3600
+TIME_LIMIT_S = SOFT_TIME_LIMIT_S + 300
+
+
+def broker_url() -> str:
+    return os.environ.get(BROKER_ENV, DEFAULT_BROKER_URL)
+
+
+def make_app() -> Celery:
+    app = Celery("panoptic_batch", broker=broker_url())
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=DEFAULT_QUEUE,
+        task_soft_time_limit=SOFT_TIME_LIMIT_S,
+        task_time_limit=TIME_LIMIT_S,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+    )
+    return app
+
+
+app = make_app()
+_processor = None
+
+
+@worker_process_init.connect
+def _forget_parent_state(**_):
+    """A forked pool process must load its own model (never one from a parent before a fork)."""
+    global _processor
+    _processor = None
+
+
+def processor():
+    """This process's ChunkProcessor, created on first use (the model loads on the first chunk)."""
+    global _processor
+    if _processor is None:
+        from storage.jobs import JobStore
+        from .pipeline import ChunkProcessor
+        _processor = ChunkProcessor(JobStore(), device=os.environ.get("PANOPTIC_DEVICE", "auto"),
+                                    precision=os.environ.get("PANOPTIC_PRECISION", "fp32"))
+    return _processor
+
+
+@app.task(name=TASK_NAME)
+def process_chunk(job_id: str, image_ids: list[int]) -> dict:
+    outcomes = processor().process(job_id, image_ids)
+    return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
