@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MIN_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
@@ -47,6 +47,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("cannot decode image: not a recognised image format") from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError…) for bad files
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     return to_rgb(image)
