@@ -190,6 +190,7 @@ def test_submit_and_workers_on_s3_redis_postgres(services_env, s3_bucket, shared
         assert (row.height, row.width) == (document["height"], document["width"])
         assert row.segments == len(document["segments_info"])
         assert row.etag and row.size == len(files[key])
+        assert min(row.decode_ms, row.model_ms, row.postprocess_ms, row.upload_ms) >= 0 and row.model_ms > 0
         documents.append(document)
     check_stats(job_id, env, documents)
 

@@ -169,7 +169,6 @@ class ChunkProcessor:
                 outcomes.append(ImageOutcome(d.image_id, False, d.error))
         if not good:
             return []
-        start = time.perf_counter()
         try:
             results = predictor.predict_batch([d.image for d in good])
         except Exception as exc:
@@ -186,11 +185,10 @@ class ChunkProcessor:
             for d in good:
                 futures += self._run_batch(pool, job, predictor, [d], token, leases, outcomes)
             return futures
-        model_ms = (time.perf_counter() - start) * 1e3 / len(good)
-        return [pool.submit(self._upload_and_record, job, predictor, d, r, token, leases, model_ms)
+        return [pool.submit(self._upload_and_record, job, predictor, d, r, token, leases)
                 for d, r in zip(good, results)]
 
-    def _upload_and_record(self, job, predictor, d: _Decoded, result, token, leases, model_ms) -> ImageOutcome:
+    def _upload_and_record(self, job, predictor, d: _Decoded, result, token, leases) -> ImageOutcome:
         start = time.perf_counter()
         try:
             stem = output_stem(d.key)
@@ -208,7 +206,7 @@ class ChunkProcessor:
         self.store.record_success(
             d.image_id, token, output_png=png_uri, output_json=json_uri, height=height, width=width,
             segments_info=document["segments_info"],
-            timings={"decode_ms": d.decode_ms, "model_ms": model_ms,
-                     "upload_ms": (time.perf_counter() - start) * 1e3})
+            timings={"decode_ms": d.decode_ms, "model_ms": result["model_ms"],
+                     "postprocess_ms": result["postprocess_ms"], "upload_ms": (time.perf_counter() - start) * 1e3})
         leases.drop(d.image_id)
         return ImageOutcome(d.image_id, True)

@@ -7,6 +7,7 @@ results in batches: preprocess → DETR (mask head pruned to confident queries) 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -76,8 +77,10 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: list[Image.Image]) -> list[dict]:
-        """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info})."""
+        """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info}),
+        with the batch's per-image share of model and postprocessing time (model_ms, postprocess_ms)."""
         cfg = self.config
+        start = time.perf_counter()
         sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
         batch = pad_batch([image_tensor(im, size, self.device) for im, size in zip(images, sizes)])
         pixels = batch.images
@@ -86,7 +89,15 @@ class Predictor:
         with self._autocast():
             outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
-        return postprocess_kept(outputs, batch.sizes, [(im.height, im.width) for im in images])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        model_done = time.perf_counter()
+        results = postprocess_kept(outputs, batch.sizes, [(im.height, im.width) for im in images])
+        finished = time.perf_counter()
+        for result in results:
+            result["model_ms"] = (model_done - start) * 1e3 / len(images)
+            result["postprocess_ms"] = (finished - model_done) * 1e3 / len(images)
+        return results
 
     def predict(self, images: list[Image.Image]) -> list[dict]:
         """Any number of images, in batches of `batch_size`, results in input order."""
