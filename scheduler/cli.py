@@ -115,12 +115,13 @@ def job_options(func):
     return func
 
 
-def job_spec(source, dest, chunk_size, includes, name, options) -> "JobSpec":
+def job_spec(source, dest, chunk_size, includes, name, options, queue=None) -> "JobSpec":
     from .submit import JobSpec
     return JobSpec(source=source, dest=dest, model=options["model"], weights=options["weights"],
                    threshold=options["threshold"], min_size=options["min_size"], max_size=options["max_size"],
                    name=name, includes=tuple(includes), chunk_size=chunk_size,
-                   config={"batch_size": options["batch_size"], "max_pixels": options["max_pixels"]})
+                   config={"batch_size": options["batch_size"], "max_pixels": options["max_pixels"],
+                           "chunk_size": chunk_size, "queue": queue})
 
 
 def open_store():
@@ -135,26 +136,20 @@ def open_store():
 @model_options
 def submit(source, dest, chunk_size, includes, name, queue, **options):
     """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
-    from worker.queue import DEFAULT_QUEUE, TASK_NAME, app
-
+    from .dispatch import Dispatcher
     from .submit import SubmitError, submit as submit_job
 
-    spec = job_spec(source, dest, chunk_size, includes, name, options)
+    spec = job_spec(source, dest, chunk_size, includes, name, options, queue=queue)
     store = open_store()
-    chunks = 0
-
-    def enqueue(job_id, image_ids):
-        nonlocal chunks
-        app.send_task(TASK_NAME, args=[job_id, image_ids], queue=queue or DEFAULT_QUEUE)
-        chunks += 1
-
+    dispatcher = Dispatcher()
     try:
-        with app.producer_or_acquire():
-            job_id = submit_job(store, spec, enqueue)
+        with dispatcher.app.producer_or_acquire():
+            job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue))
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from exc
     status = store.job(job_id)
-    click.echo(f"job {job_id}: {status.total} images in {chunks} chunks queued on {mask_url(broker_url())}")
+    click.echo(f"job {job_id}: {status.total} images in {dispatcher.sent} chunks queued on "
+               f"{mask_url(broker_url())}")
     click.echo(job_id)
 
 
@@ -207,10 +202,51 @@ def worker(device, precision, concurrency, queues, loglevel):
 
     from worker.queue import DEFAULT_QUEUE, app
 
+    from .dispatch import start_reaper_thread
+
     os.environ["PANOPTIC_DEVICE"] = device
     os.environ["PANOPTIC_PRECISION"] = precision
+    start_reaper_thread()
     app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
                      f"--queues={queues or DEFAULT_QUEUE}", "--without-gossip", "--without-mingle"])
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id):
+    """Cancel a job: queued chunks are dropped, running ones stop before their next image."""
+    store = open_store()
+    job = _find_job(store, job_id)
+    if store.cancel(job.id):
+        click.echo(f"job {job.id} cancelled")
+    else:
+        click.echo(f"job {job.id} is already {job.state}; nothing to cancel")
+
+
+@main.command()
+@click.argument("job_id")
+def retry(job_id):
+    """Queue a job's failed images again (only those)."""
+    from storage.jobs import JobStateError
+
+    from .dispatch import Dispatcher, requeue
+
+    store = open_store()
+    job = _find_job(store, job_id)
+    try:
+        ids = store.reset_failed(job.id)
+    except JobStateError as exc:
+        raise click.ClickException(str(exc)) from exc
+    requeue(store, Dispatcher(), job.id, ids)
+    click.echo(f"job {job.id}: {len(ids)} failed images queued again")
+
+
+@main.command()
+def reap():
+    """Queue again the images whose worker was lost (lease expired). Workers do this themselves
+    every $PANOPTIC_REAP_INTERVAL seconds; this runs one pass now (e.g. from cron)."""
+    from .dispatch import Dispatcher, reap as reap_once
+    click.echo(f"{reap_once(open_store(), Dispatcher())} images re-queued")
 
 
 def status_dict(status) -> dict:

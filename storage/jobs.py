@@ -674,6 +674,28 @@ class JobStore:
                 stmt = stmt.limit(limit)
             return list(conn.scalars(stmt).all())
 
+    def release_expired(self, limit: int = 10_000) -> dict[str, list[int]]:
+        """Running images whose lease expired go back to pending, their old token void (a late
+        result from the lost worker is refused); returns {job id: image ids} to queue again."""
+        now = utcnow()
+
+        def tx(conn: Connection) -> dict[str, list[int]]:
+            rows = conn.execute(
+                select(images_t.c.id, images_t.c.job_id)
+                .where(images_t.c.state == "running", images_t.c.lease_expires_at < now)
+                .order_by(images_t.c.id).limit(limit).with_for_update(skip_locked=True)).all()
+            by_job: dict[str, list[int]] = {}
+            for group in _chunks([r.id for r in rows], _IN_CHUNK):
+                conn.execute(update(images_t)
+                             .where(images_t.c.id.in_(group), images_t.c.state == "running",
+                                    images_t.c.lease_expires_at < now)
+                             .values(state="pending", lease_token=None, lease_expires_at=None, updated_at=now))
+            for row in rows:
+                by_job.setdefault(row.job_id, []).append(row.id)
+            return by_job
+
+        return self._write(tx)
+
     def image(self, image_id: int) -> ImageRecord | None:
         with self._read() as conn:
             row = conn.execute(select(images_t).where(images_t.c.id == image_id)).first()

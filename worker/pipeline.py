@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -31,9 +32,20 @@ from .preprocess import decode_image
 
 log = logging.getLogger(__name__)
 
-# A claim lasts this long without a heartbeat; heartbeats renew it every third of that.
-LEASE_SECONDS = 300
+# A claim lasts this long without a heartbeat; heartbeats renew it every third of that. When a
+# worker is lost, its images are re-queued by the reaper once their leases expire.
+DEFAULT_LEASE_SECONDS = 300
+# An image claimed this many times without a result (its worker lost each time) is failed.
+DEFAULT_MAX_ATTEMPTS = 3
 IO_THREADS = 8
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("PANOPTIC_LEASE_SECONDS", DEFAULT_LEASE_SECONDS))
+
+
+def max_attempts() -> int:
+    return int(os.environ.get("PANOPTIC_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS))
 
 
 def output_stem(key: str) -> str:
@@ -81,12 +93,12 @@ class _LeaseKeeper:
             self.held.discard(image_id)
 
     def _run(self):
-        while not self._stop.wait(LEASE_SECONDS / 3):
+        while not self._stop.wait(lease_seconds() / 3):
             with self._lock:
                 ids = list(self.held)
             if ids:
                 try:
-                    self.store.heartbeat(self.token, ids, LEASE_SECONDS)
+                    self.store.heartbeat(self.token, ids, lease_seconds())
                 except Exception:  # a missed heartbeat only shortens the lease; keep working
                     log.exception("lease heartbeat failed")
 
@@ -115,6 +127,11 @@ class ChunkProcessor:
         return self._predictor
 
     def process(self, job_id: str, image_ids: list[int]) -> list[ImageOutcome]:
+        """Process the images of a chunk that nobody else has done or holds; results in order.
+
+        The whole chunk is claimed first, so that a worker lost in the middle leaves leases that
+        expire and a reaper re-queues; the job is checked for cancellation before every batch.
+        """
         job = self.store.job(job_id)
         if job.state == "cancelled":
             return []
@@ -123,42 +140,57 @@ class ChunkProcessor:
         token = uuid.uuid4().hex
         leases = _LeaseKeeper(self.store, token)
         outcomes: list[ImageOutcome] = []
-        batch_size = predictor.config.batch_size
-        batches = [image_ids[i:i + batch_size] for i in range(0, len(image_ids), batch_size)]
-        with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io") as pool:
-            pending_uploads: list[Future] = []
-            next_fetch = self._fetch(pool, batches[0], token, leases, predictor) if batches else None
-            for index in range(len(batches)):
-                decoded = [f.result() for f in next_fetch]
-                if index + 1 < len(batches):
+        try:
+            claimed = self._claim(image_ids, token, leases, outcomes)
+            batch_size = predictor.config.batch_size
+            batches = [claimed[i:i + batch_size] for i in range(0, len(claimed), batch_size)]
+            with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io") as pool:
+                uploads: list[Future] = []
+                fetching = self._fetch(pool, batches[0], predictor) if batches else []
+                for index, _ in enumerate(batches):
+                    decoded = [f.result() for f in fetching]
                     if self.store.job(job_id).state == "cancelled":
-                        next_fetch = None
-                    else:
-                        next_fetch = self._fetch(pool, batches[index + 1], token, leases, predictor)
-                pending_uploads += self._run_batch(pool, job, predictor, decoded, token, leases, outcomes)
-                if next_fetch is None:
-                    break
-            for future in pending_uploads:
-                outcomes.append(future.result())
-        leases.close()
+                        for item in (i for batch in batches[index:] for i in batch):
+                            self.store.release(item.id, token)
+                            leases.drop(item.id)
+                        break
+                    if index + 1 < len(batches):
+                        fetching = self._fetch(pool, batches[index + 1], predictor)
+                    uploads += self._run_batch(pool, job, predictor, decoded, token, leases, outcomes)
+                outcomes += [future.result() for future in uploads]
+        finally:
+            leases.close()
         return outcomes
 
-    def _fetch(self, pool, ids, token, leases, predictor) -> list[Future]:
-        return [pool.submit(self._claim_and_decode, image_id, token, leases, predictor.config.max_pixels)
-                for image_id in ids]
+    def _claim(self, image_ids, token, leases, outcomes) -> list:
+        claimed = []
+        for image_id in image_ids:
+            image = self.store.claim(image_id, token, lease_seconds())
+            if image is None:
+                continue                     # done already, or another worker holds it
+            if image.attempts > max_attempts():
+                # Every earlier attempt lost its worker (a crash, the OOM killer): stop here
+                # instead of taking down workers forever.
+                error = (f"gave up after {image.attempts - 1} attempts: the worker processing this image "
+                         f"was lost each time (crash or out of memory?)")
+                self.store.record_failure(image.id, token, error)
+                outcomes.append(ImageOutcome(image.id, False, error))
+                continue
+            leases.hold(image.id)
+            claimed.append(image)
+        return claimed
 
-    def _claim_and_decode(self, image_id, token, leases, max_pixels) -> _Decoded | None:
-        claimed = self.store.claim(image_id, token, LEASE_SECONDS)
-        if claimed is None:
-            return None                      # done already, or another worker holds it
-        leases.hold(image_id)
+    def _fetch(self, pool, images, predictor) -> list[Future]:
+        return [pool.submit(self._download_and_decode, image, predictor.config.max_pixels) for image in images]
+
+    def _download_and_decode(self, image, max_pixels) -> _Decoded:
         start = time.perf_counter()
         try:
-            image = decode_image(objects.read_bytes(claimed.uri), max_pixels)
+            decoded = decode_image(objects.read_bytes(image.uri), max_pixels)
             error = None
         except Exception as exc:            # a bad image fails alone, with its reason
-            image, error = None, f"{type(exc).__name__}: {exc}"
-        return _Decoded(image_id, claimed.key, claimed.uri, image, error, (time.perf_counter() - start) * 1e3)
+            decoded, error = None, f"{type(exc).__name__}: {exc}"
+        return _Decoded(image.id, image.key, image.uri, decoded, error, (time.perf_counter() - start) * 1e3)
 
     def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes) -> list[Future]:
         good = [d for d in decoded if d is not None and d.image is not None]
