@@ -10,7 +10,7 @@ import click
 
 from worker.model import DEFAULT_VARIANT, VARIANTS
 from worker.predictor import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
-from worker.preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from worker.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
 from worker.queue import broker_url
 from storage.objects import mask_url
 
@@ -35,6 +35,8 @@ def model_options(func):
                      help="…keeping the longest side at most this many."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
                      help="Refuse images larger than this (decompression bombs)."),
+        click.option("--max-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BYTES, show_default=True,
+                     help="Refuse image files larger than this, before downloading them."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--precision", type=click.Choice(sorted(PRECISIONS)), default="fp32", show_default=True,
                      help="Autocast precision on CUDA (the CPU runs fp32)."),
@@ -82,7 +84,7 @@ def predict(images, out_dir, **options):
     decoded = []
     for uri in images:
         try:
-            decoded.append((uri, decode_image(read_bytes(uri), config.max_pixels)))
+            decoded.append((uri, decode_image(read_bytes(uri), config.max_pixels, config.max_bytes)))
         except (ImageDecodeError, ObjectStoreError, OSError) as exc:
             failed.append(uri)
             click.echo(f"failed: {uri}: {exc}", err=True)
@@ -109,6 +111,8 @@ def job_options(func):
         click.option("--include", "includes", multiple=True, metavar="PATTERN",
                      help="Only keys matching this glob (relative to SOURCE); repeatable."),
         click.option("--name", help="A name for the job (default: SOURCE)."),
+        click.option("--force", is_flag=True, help="Process every image, also those unchanged (same ETag) "
+                     "since their last success with the same model settings."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -121,7 +125,12 @@ def job_spec(source, dest, chunk_size, includes, name, options, queue=None) -> "
                    threshold=options["threshold"], min_size=options["min_size"], max_size=options["max_size"],
                    name=name, includes=tuple(includes), chunk_size=chunk_size,
                    config={"batch_size": options["batch_size"], "max_pixels": options["max_pixels"],
-                           "chunk_size": chunk_size, "queue": queue})
+                           "max_bytes": options["max_bytes"], "chunk_size": chunk_size, "queue": queue})
+
+
+def skipped_note(status) -> str:
+    skipped = status.config.get("skipped", 0)
+    return f"; {skipped} unchanged images skipped (--force reprocesses them)" if skipped else ""
 
 
 def open_store():
@@ -134,7 +143,7 @@ def open_store():
 @click.option("--queue", default=None, help="Broker queue for this job's tasks (default: panoptic); "
               "e.g. separate queues for nightly and ad-hoc jobs.")
 @model_options
-def submit(source, dest, chunk_size, includes, name, queue, **options):
+def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
     from .dispatch import Dispatcher
     from .submit import SubmitError, submit as submit_job
@@ -144,19 +153,19 @@ def submit(source, dest, chunk_size, includes, name, queue, **options):
     dispatcher = Dispatcher()
     try:
         with dispatcher.app.producer_or_acquire():
-            job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue))
+            job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue), force=force)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from exc
     status = store.job(job_id)
     click.echo(f"job {job_id}: {status.total} images in {dispatcher.sent} chunks queued on "
-               f"{mask_url(broker_url())}")
+               f"{mask_url(broker_url())}{skipped_note(status)}")
     click.echo(job_id)
 
 
 @main.command()
 @job_options
 @model_options
-def run(source, dest, chunk_size, includes, name, **options):
+def run(source, dest, chunk_size, includes, name, force, **options):
     """Submit and process SOURCE in this process: no broker, no servers (SQLite by default).
 
     Exits 0 when every image succeeded, 1 when some failed (and lists them)."""
@@ -168,7 +177,7 @@ def run(source, dest, chunk_size, includes, name, **options):
     store = open_store()
     chunks: list[tuple[str, list[int]]] = []
     try:
-        job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)))
+        job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from exc
     processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
@@ -181,7 +190,7 @@ def run(source, dest, chunk_size, includes, name, **options):
         raise
     status = store.job(job_id)
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
-               f"{status.failed} failed")
+               f"{status.failed} failed{skipped_note(status)}")
     if status.failed:
         for image in store.images(job_id, state="failed"):
             click.echo(f"  failed: {image.key}: {image.error}", err=True)
@@ -243,8 +252,9 @@ def retry(job_id):
 
 @main.command()
 def reap():
-    """Queue again the images whose worker was lost (lease expired). Workers do this themselves
-    every $PANOPTIC_REAP_INTERVAL seconds; this runs one pass now (e.g. from cron)."""
+    """Queue again the images whose worker was lost (lease expired), and pending images whose
+    messages were lost (their queue is empty; see $PANOPTIC_STALE_PENDING_SECONDS). Workers do this
+    themselves every $PANOPTIC_REAP_INTERVAL seconds; this runs one pass now (e.g. from cron)."""
     from .dispatch import Dispatcher, reap as reap_once
     click.echo(f"{reap_once(open_store(), Dispatcher())} images re-queued")
 
@@ -252,7 +262,8 @@ def reap():
 def status_dict(status) -> dict:
     return {"id": status.id, "name": status.name, "state": status.state, "total": status.total,
             "succeeded": status.succeeded, "failed": status.failed, "pending": status.pending,
-            "running": status.running, "rate": round(status.rate, 3), "source": status.source,
+            "running": status.running, "skipped": status.config.get("skipped", 0),
+            "rate": round(status.rate, 3), "source": status.source,
             "dest": status.dest, "model": status.model, "weights": status.weights,
             "weights_sha256": status.weights_sha256, "threshold": status.threshold,
             "created_at": _iso(status.created_at), "started_at": _iso(status.started_at),

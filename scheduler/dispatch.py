@@ -5,6 +5,14 @@ broker's visibility timeout (hours; see CONTRACTS.md). Images whose lease expire
 pending and are queued again at once; the late redelivery of the old message is harmless, since
 claims in SQL decide who processes what. Attempts are counted in SQL, so an image that kills
 every worker that takes it is failed after a few tries instead of circulating forever.
+
+It also re-queues pending images whose messages are gone: a Redis restarted without persistence
+forgets its queues; a worker killed after receiving a chunk but before claiming its images leaves
+them pending while the message waits, unacknowledged, for the visibility timeout; a release whose
+re-queue failed (broker down) leaves pending images nobody will deliver. Those are recognised
+conservatively — their job's queue is empty, yet they
+stayed pending and untouched for PANOPTIC_STALE_PENDING_SECONDS — and a duplicate message for an
+image that still had one costs only a claim that finds nothing to do.
 """
 
 from __future__ import annotations
@@ -20,10 +28,16 @@ from .submit import DEFAULT_CHUNK_SIZE, chunked
 log = logging.getLogger(__name__)
 
 DEFAULT_REAP_INTERVAL_S = 60.0
+# Pending images of an active job whose queue is empty are queued again after this long untouched.
+DEFAULT_STALE_PENDING_S = 300.0
 
 
 def reap_interval() -> float:
     return float(os.environ.get("PANOPTIC_REAP_INTERVAL", DEFAULT_REAP_INTERVAL_S))
+
+
+def stale_pending_seconds() -> float:
+    return float(os.environ.get("PANOPTIC_STALE_PENDING_SECONDS", DEFAULT_STALE_PENDING_S))
 
 
 class Dispatcher:
@@ -40,6 +54,19 @@ class Dispatcher:
                                                      "interval_step": 1.0, "interval_max": 10.0})
         self.sent += 1
 
+    def queued(self, queue: str | None = None) -> int | None:
+        """Messages waiting in ``queue`` (not those workers hold); None when the broker cannot say."""
+        name = queue or self.default_queue
+        try:
+            with self.app.connection_for_write() as connection:
+                connection.ensure_connection(max_retries=2)
+                return int(connection.default_channel.queue_declare(queue=name, passive=True).message_count)
+        except Exception as exc:
+            if str(getattr(exc, "reply_code", "")) == "404" or "NOT_FOUND" in str(exc):
+                return 0      # Redis drops an empty list; RabbitMQ: nothing ever declared it
+            log.warning("cannot count the messages in queue %s: %s", name, exc)
+            return None
+
 
 def requeue(store: JobStore, dispatcher: Dispatcher, job_id: str, image_ids: list[int]) -> int:
     """Queue `image_ids` of a job again, in the job's chunk size and on its queue."""
@@ -50,11 +77,33 @@ def requeue(store: JobStore, dispatcher: Dispatcher, job_id: str, image_ids: lis
 
 
 def reap(store: JobStore, dispatcher: Dispatcher) -> int:
-    """Re-queue every running image whose lease has expired; returns how many."""
+    """Re-queue every running image whose lease has expired, and the pending images whose
+    messages were lost (see :func:`requeue_lost`); returns how many."""
     released = store.release_expired()
     total = sum(requeue(store, dispatcher, job_id, ids) for job_id, ids in released.items())
     if total:
         log.warning("re-queued %d images whose worker was lost (lease expired)", total)
+    return total + requeue_lost(store, dispatcher)
+
+
+def requeue_lost(store: JobStore, dispatcher: Dispatcher, stale_after: float | None = None) -> int:
+    """Queue again the pending images of active jobs whose queue is empty and that have stayed
+    untouched for ``stale_after`` seconds (default $PANOPTIC_STALE_PENDING_SECONDS); returns how many."""
+    stale_after = stale_pending_seconds() if stale_after is None else stale_after
+    empty: dict[str, bool] = {}
+    total = 0
+    for job_id, config in store.active_jobs():
+        queue = config.get("queue") or dispatcher.default_queue
+        if queue not in empty:
+            empty[queue] = dispatcher.queued(queue) == 0
+        if not empty[queue]:
+            continue                          # messages are waiting: the images are not lost
+        ids = store.touch_stale_pending(job_id, stale_after)
+        if ids:
+            total += requeue(store, dispatcher, job_id, ids)
+            log.warning("re-queued %d pending images of job %s: queue %s is empty, so their messages "
+                        "were lost (a broker restarted without persistence, or a worker lost before it "
+                        "claimed them)", len(ids), job_id, queue)
     return total
 
 

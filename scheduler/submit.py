@@ -7,7 +7,11 @@ and handed out in batches, so memory stays bounded however large the bucket.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import itertools
+import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -49,9 +53,20 @@ def is_image_key(key: str, includes: Iterable[str] = ()) -> bool:
 
 def check_locations(source: str, dest: str) -> None:
     """DEST may not overlap SOURCE: outputs must never be read back as inputs."""
-    a, b = source.rstrip("/") + "/", dest.rstrip("/") + "/"
+    a, b = _comparable_location(source), _comparable_location(dest)
     if a.startswith(b) or b.startswith(a):
         raise SubmitError(f"DEST {dest} overlaps SOURCE {source}: choose a destination outside the source")
+
+
+def _comparable_location(uri: str) -> str:
+    """A location as check_locations compares it, ending in "/": S3 with its scheme lower-cased
+    and runs of "/" collapsed (some stores collapse them in keys); folders with symbolic links
+    resolved (DEST may be a link to a folder inside SOURCE, or the other way round)."""
+    if objects.is_s3(uri):
+        return "s3://" + re.sub("/+", "/", uri.split("://", 1)[1]).strip("/") + "/"
+    if objects.is_local(uri):
+        return os.path.join(os.path.realpath(objects.local_path(uri)), "")
+    return uri.rstrip("/") + "/"
 
 
 def iter_source_images(source: str, includes: Iterable[str] = ()) -> Iterator[objects.ObjectInfo]:
@@ -65,8 +80,44 @@ def chunked(items: list[int], size: int) -> Iterator[list[int]]:
         yield chunk
 
 
-def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], None]) -> str:
-    """Record the job and its images and call `enqueue(job_id, image_ids)` once per chunk."""
+def weights_identity(weights: str, model: str) -> str:
+    """What the weights are, as far as submit can tell without loading a model: the published
+    checkpoint of the variant, the seed, the content hash of a file or object, or the URL."""
+    if weights in ("official", "random"):
+        return f"{weights}:{model}"
+    if weights.startswith(("http://", "https://")):
+        return objects.mask_url(weights)
+    try:
+        return "sha256:" + hashlib.sha256(objects.read_bytes(weights)).hexdigest()
+    except objects.ObjectStoreError as exc:
+        raise SubmitError(f"cannot read --weights {weights}: {exc}") from exc
+
+
+def model_fingerprint(spec: JobSpec) -> str:
+    """Identifies what a result depends on: variant, weights, threshold and sizes."""
+    identity = {"model": spec.model, "weights": weights_identity(spec.weights, spec.model),
+                "threshold": spec.threshold, "min_size": spec.min_size, "max_size": spec.max_size,
+                "max_pixels": spec.config.get("max_pixels")}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _unchanged_filter(store: JobStore, spec: JobSpec, fingerprint: str, infos: Iterator[objects.ObjectInfo],
+                      skipped: list[int]) -> Iterator[objects.ObjectInfo]:
+    """Drops the images whose ETag is unchanged since their last success with this fingerprint."""
+    while batch := list(itertools.islice(infos, INSERT_BATCH)):
+        done = store.previous_successes(spec.source, spec.dest, fingerprint, [i.key for i in batch])
+        for info in batch:
+            if info.key in done and done[info.key] == info.etag and info.etag:
+                skipped[0] += 1
+            else:
+                yield info
+
+
+def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], None], force: bool = False) -> str:
+    """Record the job and its images and call `enqueue(job_id, image_ids)` once per chunk.
+
+    Unless `force`, images that succeeded before from the same SOURCE to the same DEST with the
+    same model fingerprint, and whose ETag has not changed since, are skipped (nightly runs)."""
     spec = replace(spec, source=objects.normalize(spec.source), dest=objects.normalize(spec.dest))
     check_locations(spec.source, spec.dest)
     listing = iter_source_images(spec.source, spec.includes)
@@ -74,13 +125,19 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
         first = next(listing, None)         # fails here, before a job exists, if SOURCE is unreadable
     except objects.ObjectStoreError as exc:
         raise SubmitError(f"cannot read SOURCE {spec.source}: {exc}") from exc
+    fingerprint = model_fingerprint(spec)
     job_id = store.create_job(name=spec.name or spec.source, source=spec.source, dest=spec.dest,
                               model=spec.model, weights=spec.weights, threshold=spec.threshold,
-                              min_size=spec.min_size, max_size=spec.max_size, config=spec.config)
+                              min_size=spec.min_size, max_size=spec.max_size,
+                              config={**spec.config, "fingerprint": fingerprint, "force": force})
     found = listing if first is None else itertools.chain([first], listing)
+    skipped = [0]
+    if not force:
+        found = _unchanged_filter(store, spec, fingerprint, found, skipped)
     entries = ((info.key, info.uri, info.etag, info.size) for info in found)
     for ids in store.add_images(job_id, entries, batch_size=INSERT_BATCH):
         for chunk in chunked(ids, spec.chunk_size):
             enqueue(job_id, chunk)
+    store.update_config(job_id, skipped=skipped[0])
     store.finalize_submission(job_id)
     return job_id

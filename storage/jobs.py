@@ -20,10 +20,8 @@ Every method opens and closes its own transaction and returns plain dataclasses 
 
 from __future__ import annotations
 
-import random
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -31,9 +29,10 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sqlalchemy import Connection, case, delete, func, insert, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
+from storage.retry import retry_transient
 from storage.schema import FINISHED_JOB_STATES, Image, ImageClass, Job, utcnow
 
 __all__ = [
@@ -56,6 +55,12 @@ _PAGE = 1000  # rows per page when streaming images
 _MAX_ERROR_CHARS = 20_000
 # PostgreSQL: deadlock detected, serialization failure. Such a transaction is safe to run again.
 _RETRY_SQLSTATES = frozenset({"40P01", "40001"})
+# PostgreSQL: the connection went away or could not be made for now (class 08: connection
+# exception; 57P01-03: server shut down / crashed / starting up; 53300: too many connections).
+_DISCONNECT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+# Transactions and connects are retried across a database restart or a dropped connection with
+# storage.retry's backoff: at most 12 tries and 0.05 + 0.1 + … + 5 + 5 ≈ 26 s of sleeping.
+_DB_RETRY = dict(attempts=12, base_delay=0.05, max_delay=5.0)
 
 
 class JobNotFound(KeyError):
@@ -211,8 +216,20 @@ def mask_url(value: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _retryable(exc: DBAPIError) -> bool:
-    return getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES
+def _retryable(exc: BaseException, dialect: str = "postgresql") -> bool:
+    """Whether running the transaction again may succeed: a deadlock or serialization failure, or
+    a lost or refused connection (a database restart, ``pg_terminate_backend``, a network reset)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:       # SQLAlchemy saw a disconnect; the pool dropped the connection
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in _RETRY_SQLSTATES or sqlstate in _DISCONNECT_SQLSTATES or (sqlstate or "").startswith("08"):
+        return True
+    # psycopg reports a failed connect ("connection refused", "server closed the connection")
+    # as an OperationalError without a SQLSTATE. SQLite's OperationalErrors are not about
+    # connections (a busy database has waited out its busy_timeout already).
+    return dialect == "postgresql" and isinstance(exc, OperationalError) and sqlstate is None
 
 
 def _chunks(seq: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -248,25 +265,48 @@ class JobStore:
         return get_engine(self._url)  # per process; schema upgraded on first use
 
     def _write(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` in one write transaction (BEGIN IMMEDIATE on SQLite); retry PG deadlocks."""
+        """Run ``fn`` in one write transaction (BEGIN IMMEDIATE on SQLite).
+
+        Deadlocks, serialization failures and lost connections are retried with backoff
+        (``_DB_RETRY``). Running a transaction again is safe: every one here either did not commit
+        or, if the commit went through but its answer was lost, finds its work done (fenced
+        updates match nothing the second time; image inserts skip existing keys). What such a
+        lost answer can leave behind — a claim nobody works on, released images nobody queued —
+        is recovered by the reaper (lease expiry, stale pending images); create_job would draw a
+        new id and leave an empty, never-submitted job row.
+        """
         engine = write_engine(self.engine)
-        attempts = 5
-        for attempt in range(attempts):
-            try:
-                with engine.begin() as conn:
-                    return fn(conn)
-            except DBAPIError as exc:
-                if attempt == attempts - 1 or not _retryable(exc):
-                    raise
-                time.sleep(0.005 * (2 ** attempt) * (1 + random.random()))
-        raise AssertionError("unreachable")
+        dialect = engine.dialect.name
+
+        def transaction() -> T:
+            with engine.begin() as conn:
+                return fn(conn)
+
+        return retry_transient(transaction, is_transient=lambda exc: _retryable(exc, dialect),
+                               what="database transaction", **_DB_RETRY)
 
     def _read(self):
-        """A read-only connection seeing one consistent snapshot (PG: REPEATABLE READ)."""
+        """A read-only connection seeing one consistent snapshot (PG: REPEATABLE READ).
+
+        Connecting is retried like a transaction in :meth:`_write` (the pool pings a connection
+        before handing it out, so one the server dropped is replaced, not used)."""
         engine = self.engine
         if engine.dialect.name == "postgresql":
             engine = engine.execution_options(isolation_level="REPEATABLE READ")
-        return engine.connect()
+        dialect = engine.dialect.name
+        return retry_transient(engine.connect, is_transient=lambda exc: _retryable(exc, dialect),
+                               what="database connect", **_DB_RETRY)
+
+    def _query(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(conn)`` on a :meth:`_read` connection, run again if the connection is lost meanwhile."""
+        dialect = self.engine.dialect.name
+
+        def attempt() -> T:
+            with self._read() as conn:
+                return fn(conn)
+
+        return retry_transient(attempt, is_transient=lambda exc: _retryable(exc, dialect),
+                               what="database query", **_DB_RETRY)
 
     @staticmethod
     def _resolve(conn: Connection, job_id: str) -> str:
@@ -289,8 +329,7 @@ class JobStore:
 
     def resolve(self, job_id: str) -> str:
         """The full job id for an id or a unique prefix; JobNotFound otherwise."""
-        with self._read() as conn:
-            return self._resolve(conn, job_id)
+        return self._query(lambda conn: self._resolve(conn, job_id))
 
     @staticmethod
     def _maybe_finish(conn: Connection, job_id: str, now: datetime) -> None:
@@ -483,11 +522,14 @@ class JobStore:
 
     def job(self, job_id: str) -> JobStatus:
         """The job's status; ``job_id`` may be a unique prefix (≥ 4 characters)."""
-        with self._read() as conn:
+        def query(conn: Connection):
             full_id = self._resolve(conn, job_id)
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == full_id)).one()
             running = conn.scalar(select(func.count()).select_from(images_t)
                                   .where(images_t.c.job_id == full_id, images_t.c.state == "running"))
+            return row, running
+
+        row, running = self._query(query)       # workers ask between batches: survive a disconnect
         return self._status(row, running or 0)
 
     def jobs(self) -> list[JobStatus]:
@@ -674,6 +716,35 @@ class JobStore:
                 stmt = stmt.limit(limit)
             return list(conn.scalars(stmt).all())
 
+    def previous_successes(self, source: str, dest: str, fingerprint: str, keys: Iterable[str]) -> dict[str, str | None]:
+        """For the keys that succeeded in an earlier job from `source` to `dest` whose config has
+        this model `fingerprint`: key → the ETag it had then (the latest success wins)."""
+        keys = sorted(set(keys))
+        with self._read() as conn:
+            candidates = conn.execute(select(jobs_t.c.id, jobs_t.c.config)
+                                      .where(jobs_t.c.source == source, jobs_t.c.dest == dest)).all()
+            job_ids = [r.id for r in candidates if (r.config or {}).get("fingerprint") == fingerprint]
+            found: dict[str, tuple] = {}
+            if not job_ids:
+                return {}
+            for group in _chunks(keys, _IN_CHUNK):
+                rows = conn.execute(select(images_t.c.key, images_t.c.etag, images_t.c.updated_at)
+                                    .where(images_t.c.job_id.in_(job_ids), images_t.c.key.in_(group),
+                                           images_t.c.state == "succeeded")).all()
+                for row in rows:
+                    if row.key not in found or row.updated_at > found[row.key][1]:
+                        found[row.key] = (row.etag, row.updated_at)
+        return {key: etag for key, (etag, _) in found.items()}
+
+    def update_config(self, job_id: str, **values: Any) -> None:
+        """Merge `values` into the job's config (e.g. the count of skipped images)."""
+        def tx(conn: Connection) -> None:
+            full_id = self._resolve(conn, job_id)
+            config = conn.scalar(select(jobs_t.c.config).where(jobs_t.c.id == full_id).with_for_update())
+            conn.execute(update(jobs_t).where(jobs_t.c.id == full_id).values(config={**(config or {}), **values}))
+
+        self._write(tx)
+
     def release_expired(self, limit: int = 10_000) -> dict[str, list[int]]:
         """Running images whose lease expired go back to pending, their old token void (a late
         result from the lost worker is refused); returns {job id: image ids} to queue again."""
@@ -693,6 +764,39 @@ class JobStore:
             for row in rows:
                 by_job.setdefault(row.job_id, []).append(row.id)
             return by_job
+
+        return self._write(tx)
+
+    def active_jobs(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(id, config)`` of every fully submitted job that is still pending or running, oldest first."""
+        return self._query(lambda conn: [(row.id, dict(row.config or {})) for row in conn.execute(
+            select(jobs_t.c.id, jobs_t.c.config)
+            .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None))
+            .order_by(jobs_t.c.created_at, jobs_t.c.id)).all()])
+
+    def touch_stale_pending(self, job_id: str, older_than: float, limit: int = 10_000) -> list[int]:
+        """Pending images of the job untouched for ``older_than`` seconds: marked as touched now,
+        their ids returned to be queued again.
+
+        For images whose broker message was lost (Redis restarted without persistence, a reaper
+        that released images but could not queue them). The caller decides when images are
+        suspect (the reaper: only when the job's queue is empty); touching them makes each come
+        back at most once per ``older_than``. A second message for an image that still has one is
+        harmless: the claim decides who processes it.
+        """
+        now = utcnow()
+        cutoff = now - timedelta(seconds=older_than)
+
+        def tx(conn: Connection) -> list[int]:
+            ids = list(conn.scalars(
+                select(images_t.c.id)
+                .where(images_t.c.job_id == job_id, images_t.c.state == "pending",
+                       images_t.c.updated_at.is_(None) | (images_t.c.updated_at < cutoff))
+                .order_by(images_t.c.id).limit(limit).with_for_update(skip_locked=True)).all())
+            for group in _chunks(ids, _IN_CHUNK):
+                conn.execute(update(images_t).where(images_t.c.id.in_(group), images_t.c.state == "pending")
+                             .values(updated_at=now))
+            return ids
 
         return self._write(tx)
 

@@ -58,7 +58,14 @@ __all__ = [
 
 
 class ObjectStoreError(RuntimeError):
-    """An object store operation failed. The message names the URI; it never holds credentials."""
+    """An object store operation failed. The message names the URI; it never holds credentials.
+
+    ``transient`` says whether the same call may well succeed later (S3 5xx, SlowDown, timeouts,
+    connection errors; see storage.retry); it is False for everything else (not found, access
+    denied, bad URIs, local file errors).
+    """
+
+    transient: bool = False
 
 
 class ObjectNotFound(ObjectStoreError):
@@ -333,9 +340,41 @@ def reset_client() -> None:
 
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+# Error codes that say "not now" rather than "never" (besides any 5xx status but 501).
+_TRANSIENT_S3_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
+}
+
+
+def _flagged(error: ObjectStoreError, transient: bool) -> ObjectStoreError:
+    error.transient = bool(transient)
+    return error
+
+
+def _is_transient_s3(e: Exception) -> bool:
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
+                                     HTTPClientError, IncompleteReadError, SSLError)
+
+    if isinstance(e, ClientError):
+        code = str((e.response.get("Error", {}) or {}).get("Code", "") or "")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return (code in _TRANSIENT_S3_CODES
+                or (isinstance(status, int) and (status in (408, 429) or (status >= 500 and status != 501))))
+    if isinstance(e, SSLError):  # certificate problems do not heal by themselves
+        return False
+    if isinstance(e, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+        return True               # endpoint unreachable, connection closed or reset, read timeout
+    return isinstance(e, (ConnectionError, TimeoutError)) and not isinstance(e, BotoCoreError)
 
 
 def _s3_error(op: str, uri: str, e: Exception) -> ObjectStoreError:
+    """The ObjectStoreError for a boto3 failure, flagged transient or not."""
+    return _flagged(_build_s3_error(op, uri, e), _is_transient_s3(e))
+
+
+def _build_s3_error(op: str, uri: str, e: Exception) -> ObjectStoreError:
     from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
     if isinstance(e, ClientError):
@@ -481,11 +520,14 @@ def read_bytes(uri: str | os.PathLike, *, timeout: float = 60.0) -> bytes:
     except urllib.error.HTTPError as e:
         if e.code in (404, 410):
             raise ObjectNotFound(f"read {shown}: HTTP {e.code} {e.reason}") from None
-        raise ObjectStoreError(f"read {shown} failed: HTTP {e.code} {e.reason}") from None
+        raise _flagged(ObjectStoreError(f"read {shown} failed: HTTP {e.code} {e.reason}"),
+                       e.code in (408, 429) or (e.code >= 500 and e.code != 501)) from None
     except urllib.error.URLError as e:
-        raise ObjectStoreError(f"read {shown} failed: {_scrub(str(e.reason))}") from None
+        raise _flagged(ObjectStoreError(f"read {shown} failed: {_scrub(str(e.reason))}"),
+                       isinstance(e.reason, (ConnectionError, TimeoutError))) from None
     except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise ObjectStoreError(f"read {shown} failed: {type(e).__name__}: {_scrub(str(e))}") from None
+        raise _flagged(ObjectStoreError(f"read {shown} failed: {type(e).__name__}: {_scrub(str(e))}"),
+                       isinstance(e, (ConnectionError, TimeoutError))) from None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes, content_type: str | None = None) -> None:

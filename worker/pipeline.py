@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 import time
+import unicodedata
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ from PIL import Image
 
 from storage import objects
 from storage.jobs import JobStore
+from storage.retry import retry_transient
 
+from .model import WeightsError
 from .output import result_document
 from .predictor import ModelConfig, Predictor
-from .preprocess import decode_image
+from .preprocess import check_bytes, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +52,30 @@ def max_attempts() -> int:
 
 
 def output_stem(key: str) -> str:
-    """The image's path relative to SOURCE with its extension removed; never escapes DEST."""
-    path = PurePosixPath(key)
-    if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
-        raise ValueError(f"unsafe image key {key!r}: outputs must stay inside DEST")
-    return str(path.with_suffix(""))
+    """The image's path relative to SOURCE with its extension removed; never escapes DEST.
+
+    Unicode is NFC-normalised; empty and "." components are dropped ("a//b.jpg" → "a/b"); keys
+    with a ".." component, control characters, bidirectional overrides or backslashes (a path
+    separator on Windows) are refused with a ValueError that says why.
+    """
+    text = unicodedata.normalize("NFC", key)
+    bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS})
+    if bad:
+        shown = ", ".join("backslash" if c == "\\" else f"U+{ord(c):04X}" for c in bad)
+        raise ValueError(f"unsafe image key {key!r}: it contains {shown} (control characters, bidirectional "
+                         f"overrides and backslashes are not allowed in output names)")
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"unsafe image key {key!r}: '..' would put its outputs outside DEST")
+    stem = PurePosixPath(*parts).with_suffix("") if parts else None
+    if stem is None or stem.name in ("", ".", ".."):      # "", "/", "..jpg", "...jpg"
+        raise ValueError(f"unusable image key {key!r}: no file name to name its outputs after")
+    return str(stem)
+
+
+# Unicode's explicit bidirectional formatting characters: they make "x\u202egnp.jpg" display as
+# "xgpj.png" (filename spoofing).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 @dataclass
@@ -119,6 +141,7 @@ class ChunkProcessor:
         config = ModelConfig(model=job.model, weights=job.weights, threshold=job.threshold,
                              min_size=job.min_size, max_size=job.max_size,
                              max_pixels=job.config.get("max_pixels", ModelConfig.max_pixels),
+                             max_bytes=job.config.get("max_bytes", ModelConfig.max_bytes),
                              batch_size=job.config.get("batch_size", 1),
                              device=self.device, precision=self.precision)
         if self._predictor is None or self._predictor.config != config:
@@ -135,9 +158,14 @@ class ChunkProcessor:
         job = self.store.job(job_id)
         if job.state == "cancelled":
             return []
-        predictor = self.predictor_for(job)
-        self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
         token = uuid.uuid4().hex
+        try:
+            predictor = self.predictor_for(job)
+        except (WeightsError, ValueError) as exc:
+            # Weights that cannot be loaded (missing file, wrong variant, hash mismatch) or bad
+            # settings fail the images with the reason, rather than leaving the job pending.
+            return self._fail_all(image_ids, token, f"model could not be loaded: {exc}")
+        self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
         leases = _LeaseKeeper(self.store, token)
         outcomes: list[ImageOutcome] = []
         try:
@@ -162,6 +190,14 @@ class ChunkProcessor:
             leases.close()
         return outcomes
 
+    def _fail_all(self, image_ids, token, error: str) -> list[ImageOutcome]:
+        outcomes = []
+        for image_id in image_ids:
+            if self.store.claim(image_id, token, lease_seconds()) is not None:
+                self.store.record_failure(image_id, token, error)
+                outcomes.append(ImageOutcome(image_id, False, error))
+        return outcomes
+
     def _claim(self, image_ids, token, leases, outcomes) -> list:
         claimed = []
         for image_id in image_ids:
@@ -181,12 +217,18 @@ class ChunkProcessor:
         return claimed
 
     def _fetch(self, pool, images, predictor) -> list[Future]:
-        return [pool.submit(self._download_and_decode, image, predictor.config.max_pixels) for image in images]
+        return [pool.submit(self._download_and_decode, image, predictor.config.max_pixels,
+                            predictor.config.max_bytes) for image in images]
 
-    def _download_and_decode(self, image, max_pixels) -> _Decoded:
+    def _download_and_decode(self, image, max_pixels, max_bytes=None) -> _Decoded:
         start = time.perf_counter()
         try:
-            decoded = decode_image(objects.read_bytes(image.uri), max_pixels)
+            output_stem(image.key)                  # an unusable key fails before any work
+            check_bytes(image.size, max_bytes)      # the listed size: refused before downloading
+            # Transient store errors (5xx, SlowDown, resets) are retried with backoff; permanent
+            # ones (not found, denied) and undecodable bytes fail this image at once.
+            data = retry_transient(lambda: objects.read_bytes(image.uri), what=f"read {image.uri}")
+            decoded = decode_image(data, max_pixels, max_bytes)
             error = None
         except Exception as exc:            # a bad image fails alone, with its reason
             decoded, error = None, f"{type(exc).__name__}: {exc}"
@@ -227,8 +269,11 @@ class ChunkProcessor:
             png_uri = objects.join(job.dest, stem + ".png")
             json_uri = objects.join(job.dest, stem + ".json")
             document = result_document(result, PurePosixPath(stem).name + ".png", d.uri, predictor.model_info)
-            objects.write_bytes(png_uri, result["png"], content_type="image/png")
-            objects.write_bytes(json_uri, json.dumps(document).encode(), content_type="application/json")
+            retry_transient(lambda: objects.write_bytes(png_uri, result["png"], content_type="image/png"),
+                            what=f"write {png_uri}")
+            body = json.dumps(document).encode()
+            retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
+                            what=f"write {json_uri}")
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             self.store.record_failure(d.image_id, token, error)

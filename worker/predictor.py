@@ -15,7 +15,8 @@ from PIL import Image
 
 from .model import DEFAULT_VARIANT, create_model
 from .postprocess import postprocess_kept
-from .preprocess import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, image_tensor, pad_batch, processed_size
+from .preprocess import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, image_tensor,
+                         pad_batch, processed_size)
 
 DEFAULT_THRESHOLD = 0.85
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,6 +31,7 @@ class ModelConfig:
     min_size: int = DEFAULT_MIN_SIZE
     max_size: int = DEFAULT_MAX_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 1

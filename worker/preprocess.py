@@ -8,6 +8,7 @@ at most `max_size` (DETR's evaluation rule), bilinear with antialiasing, then Im
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -20,6 +21,11 @@ DEFAULT_MIN_SIZE = 800
 DEFAULT_MAX_SIZE = 1333
 # Refuse images above this many pixels before decoding them (decompression bombs).
 DEFAULT_MAX_PIXELS = 100_000_000
+# Refuse files larger than this many bytes before downloading them (when the size is known).
+DEFAULT_MAX_BYTES = 200_000_000
+# The only formats PIL may parse: those of the listed extensions (JPEG includes multi-picture
+# MPO), plus GIF found under them. Never EPS (Ghostscript) or PIL's many rarely used parsers.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -28,14 +34,28 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def check_bytes(size: int | None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> None:
+    """ImageDecodeError if a file of `size` bytes is above `max_bytes` (None: no limit)."""
+    if size is not None and max_bytes is not None and size > max_bytes:
+        raise ImageDecodeError(f"file is {size:,} bytes, above the limit of {max_bytes:,} "
+                               f"(raise --max-bytes to accept it)")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES) -> Image.Image:
     """Bytes → RGB PIL image in its displayed orientation, or ImageDecodeError."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    check_bytes(len(data), max_bytes)
+    # PIL's own bomb check (a warning above MAX_IMAGE_PIXELS, an error above twice that) must never
+    # refuse what --max-pixels accepts; it stays on for what our check below does not see (GIF
+    # frames larger than the canvas, TIFF tiles). Only ever raised, so threads cannot undo it.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"image is {width}×{height} = {width * height:,} pixels, above the "
@@ -43,15 +63,43 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             image.seek(0)
             image.load()
             image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"refused as a decompression bomb: {exc}") from exc
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageDecodeError(f"image is {size}, above the limit of {max_pixels:,} (raise --max-pixels "
+                               f"to accept it); refused before decoding") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("cannot decode image: not a recognised image format") from exc
+        raise ImageDecodeError(f"cannot decode image: {_unidentified_reason(data)}") from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError…) for bad files
-        raise ImageDecodeError(f"cannot decode image: {exc}") from exc
-    return to_rgb(image)
+        raise ImageDecodeError(f"cannot decode image: {exc or type(exc).__name__}") from exc
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Why Image.open refused `data`: a corrupt file of a format we read (the parser's reason),
+    a format we do not read, or no image format at all."""
+    Image.init()
+    prefix = data[:16]
+    claimed = []
+    for fmt, (factory, accept) in Image.OPEN.items():
+        try:
+            verdict = accept(prefix) if accept is not None else False
+        except Exception:
+            continue
+        if verdict and not isinstance(verdict, str):   # a str is PIL's "looks like it, but…"
+            claimed.append((fmt, factory))
+    for fmt, factory in claimed:
+        if fmt in SUPPORTED_FORMATS:
+            try:
+                factory(io.BytesIO(data), "")
+            except Exception as exc:
+                return f"corrupt {fmt} file: {exc or type(exc).__name__}"
+            return f"corrupt {fmt} file"
+    if claimed:
+        return (f"unsupported image format {claimed[0][0]} (supported: JPEG, PNG, WebP, BMP, TIFF, GIF)")
+    return "not a recognised image format"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -77,6 +125,10 @@ def processed_size(width: int, height: int, min_size: int = DEFAULT_MIN_SIZE,
     size = min_size
     if long / short * size > max_size:
         size = int(round(max_size * short / long))
+    if size < 1:
+        # Aspect ratios beyond 2·max_size : 1 (a 10000×20 strip at max_size 128): DETR's rule
+        # would make the short side 0 px. Keep one pixel across, the long side at max_size.
+        return (max_size, 1) if width < height else (1, max_size)
     if short == size:
         return height, width
     if width < height:

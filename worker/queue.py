@@ -41,8 +41,17 @@ def make_app() -> Celery:
         task_default_queue=DEFAULT_QUEUE,
         task_soft_time_limit=SOFT_TIME_LIMIT_S,
         task_time_limit=TIME_LIMIT_S,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        # socket_timeout: a broker that vanishes without closing the TCP connection (failover, NAT)
+        # is noticed instead of waited on forever.
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S,
+                                  "socket_timeout": 30, "socket_connect_timeout": 10},
         broker_connection_retry_on_startup=True,
+        # A broker restart never stops a worker: it reconnects, however long the broker is away.
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        # A chunk keeps running when the broker connection drops: its results go to S3 and SQL,
+        # and if its message comes back it finds the work done (Celery 6 will default to True).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
