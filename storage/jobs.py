@@ -128,11 +128,12 @@ class JobStatus:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: datetimes as ISO 8601 strings (UTC)."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, datetime):
-                out[key] = value.isoformat()
-        return out
+        return _json_ready(self)
+
+
+def _json_ready(record) -> dict[str, Any]:
+    return {key: value.isoformat() if isinstance(value, datetime) else value
+            for key, value in asdict(record).items()}
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,8 @@ class ImageRecord:
     updated_at: datetime | None
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, datetime):
-                out[key] = value.isoformat()
-        return out
+        """JSON-ready: datetimes as ISO 8601 strings (UTC)."""
+        return _json_ready(self)
 
 
 _IMAGE_FIELDS = tuple(ImageRecord.__dataclass_fields__)

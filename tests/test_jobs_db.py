@@ -25,24 +25,17 @@ from storage import db as storage_db
 from storage.jobs import AmbiguousJobId, JobNotFound, JobStateError, JobStore
 from storage.schema import Base
 
-from .conftest import create_pg_database, drop_pg_database
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path):
     """A URL to a fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.db'}"
-        storage_db.dispose_all()
+    if request.param == "postgresql":
+        yield request.getfixturevalue("pg_database_url")
         return
-    admin_url = request.getfixturevalue("pg_admin_url")
-    name, url = create_pg_database(admin_url)
-    try:
-        yield url
-    finally:
-        storage_db.dispose_all()
-        drop_pg_database(admin_url, name)
+    yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    storage_db.dispose_all()
 
 
 @pytest.fixture

@@ -198,7 +198,7 @@ def job_env(s3_server, pg_database_url):
 
 def test_job_survives_workers_killed_mid_chunk(job_env, s3_bucket, tmp_path):
     env, queue, store = job_env
-    files = tiny_images(128, seed=1)
+    files = tiny_images(200, seed=1)
     upload(s3_bucket, files)
     job_id = submit(env, s3_bucket, queue)
     # Three kills could, in theory, hit one image each time: allow more attempts than that. A kill
@@ -215,7 +215,7 @@ def test_job_survives_workers_killed_mid_chunk(job_env, s3_bucket, tmp_path):
     try:
         done, held = 0, set()
         for _ in range(3):
-            target = done + 20
+            target = done + 40
             status = wait_for(store, job_id, lambda s: s.succeeded >= target or s.finished, 180,
                               f"{target} images succeeded", logs)
             assert not status.finished, "the job finished before all kills: give it more images"
