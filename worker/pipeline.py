@@ -234,13 +234,17 @@ class ChunkProcessor:
             decoded, error = None, f"{type(exc).__name__}: {exc}"
         return _Decoded(image.id, image.key, image.uri, decoded, error, (time.perf_counter() - start) * 1e3)
 
+    def _fail(self, image_id: int, token: str, leases: _LeaseKeeper, error: str) -> ImageOutcome:
+        """Record a per-image failure under this chunk's claim and stop renewing its lease."""
+        self.store.record_failure(image_id, token, error)
+        leases.drop(image_id)
+        return ImageOutcome(image_id, False, error)
+
     def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes) -> list[Future]:
         good = [d for d in decoded if d is not None and d.image is not None]
         for d in decoded:
             if d is not None and d.image is None:
-                self.store.record_failure(d.image_id, token, d.error)
-                leases.drop(d.image_id)
-                outcomes.append(ImageOutcome(d.image_id, False, d.error))
+                outcomes.append(self._fail(d.image_id, token, leases, d.error))
         if not good:
             return []
         try:
@@ -249,10 +253,7 @@ class ChunkProcessor:
             # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
             # so that only the image that cannot be processed fails.
             if len(good) == 1:
-                error = f"{type(exc).__name__}: {exc}"
-                self.store.record_failure(good[0].image_id, token, error)
-                leases.drop(good[0].image_id)
-                outcomes.append(ImageOutcome(good[0].image_id, False, error))
+                outcomes.append(self._fail(good[0].image_id, token, leases, f"{type(exc).__name__}: {exc}"))
                 return []
             log.warning("batch failed (%s); retrying its images one by one", exc)
             futures = []
@@ -275,10 +276,7 @@ class ChunkProcessor:
             retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
                             what=f"write {json_uri}")
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            self.store.record_failure(d.image_id, token, error)
-            leases.drop(d.image_id)
-            return ImageOutcome(d.image_id, False, error)
+            return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}")
         height, width = result["id_map"].shape
         self.store.record_success(
             d.image_id, token, output_png=png_uri, output_json=json_uri, height=height, width=width,
