@@ -1,27 +1,41 @@
 """Inference per image: the seed's path against ours, same images, weights and threshold.
 
-    /work/venv/bin/python -m bench.inference_bench [--model detr-r101] [--min-size 800] [--max-size 1333]
-        [--images 3] [--kept 15]
+    python -m bench.inference_bench [--model detr-r101] [--min-size 800] [--max-size 1333]
+        [--images 3] [--kept 15] [--device cpu] [--precisions fp32] [--batch-sizes 1]
+        [--seed-images N] [--json FILE]
 
-- seed path: batch of one; ``model(images, mask)`` runs all 100 queries through the mask head;
-  then ``bench.postprocess_bench.plain_postprocess`` (per-image CPU postprocessing, per-query
-  upsampling, PIL NEAREST resize of the id map, per-segment numpy loops, PNG).
-- ours: ``Predictor.predict_batch`` (batch of one): ``forward_kept`` (mask head only for the
-  queries above the threshold) then ``postprocess_kept`` (PNG included).
-Both include preprocessing (the same resize and normalisation) and the PNG encoding.
+On a GPU machine (the figures in BENCHMARKS.md):
+
+    python -m bench.inference_bench --device cuda --images 64 --seed-images 16 \\
+        --precisions fp32,bf16 --batch-sizes 1,8,16,32 --json gpu.json
+
+- seed path: batch of one, fp32; ``model(images, mask)`` runs all 100 queries through the mask
+  head on the device; then ``bench.postprocess_bench.plain_postprocess`` on the CPU (per-image
+  postprocessing, per-query upsampling, PIL NEAREST resize of the id map, per-segment numpy
+  loops, PNG).
+- ours: ``Predictor.predict`` at each precision and batch size: ``forward_kept`` (mask head only
+  for the queries above the threshold), then ``postprocess_kept`` on the same device (PNG
+  included; only the id map comes back to the host).
+Both include preprocessing (the same resize and normalisation, on the device) and PNG encoding;
+images are decoded beforehand (in the worker, decoding runs in prefetch threads).
 
 Weights: seeded random weights collapse (all queries alike), so with them either nothing or
 everything passes a threshold. Both paths therefore use the model tests' informative weights
 (``bench.informative``), built once for the variant, and a threshold chosen from a detector pass
 on the same images so that about ``--kept`` queries per image pass it (a COCO image keeps 10–30
-at the default 0.85 with the published checkpoint); the kept counts are printed. The id maps of
-the two paths are compared pixel for pixel. Images: synthetic 640×480 JPEGs (smooth gradients,
-bench.pipeline_bench.gradient_jpeg). One warm-up image per path, not timed.
+at the default 0.85 with the published checkpoint); the kept counts are printed. Each
+configuration's id maps are compared pixel for pixel with the seed path's on the images both ran.
+Images: synthetic 640×480 JPEGs (smooth gradients, bench.pipeline_bench.gradient_jpeg). One
+warm-up batch per configuration, not timed (on CUDA it also lets cudnn.benchmark choose kernels).
+
+Memory per configuration: peak GPU memory allocated by PyTorch (``max_memory_allocated``, reset
+before each configuration) and the process's peak RSS during it (VmHWM after a reset to RSS).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -32,10 +46,60 @@ import numpy as np
 import torch
 
 from bench.informative import save_informative_weights
+from bench.memory import proc_status, reset_peak_rss
 from bench.pipeline_bench import gradient_jpeg
 from bench.postprocess_bench import plain_postprocess
-from worker.predictor import ModelConfig, Predictor
+from worker.predictor import ModelConfig, Predictor, resolve_device
 from worker.preprocess import decode_image, image_tensor, pad_batch, processed_size
+
+
+# (width, height): common COCO image sizes, landscape and portrait.
+MIXED_SIZES = [(640, 480), (480, 640), (640, 427), (500, 375), (640, 512), (612, 612), (640, 360), (427, 640)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_threshold(predictor: Predictor, images, kept: int) -> tuple[float, list[int]]:
+    """Midway between the K-th and (K+1)-th best real-class score, median over the images."""
+    cfg, model = predictor.config, predictor.model
+    cuts, reals = [], []
+    with torch.inference_mode():
+        for im in images:
+            size = processed_size(im.width, im.height, cfg.min_size, cfg.max_size)
+            batch = pad_batch([image_tensor(im, size, predictor.device)])
+            probs = model.detr(batch.images, batch.padding_mask).pred_logits[0].softmax(-1)
+            scores, labels = probs.max(-1)
+            real = scores[labels != probs.shape[-1] - 1].sort(descending=True).values.cpu()
+            reals.append(real)
+            k = min(kept, len(real) - 1)
+            cuts.append(float(real[k - 1] + real[k]) / 2)
+    threshold = statistics.median(cuts)
+    return threshold, [int((real > threshold).sum()) for real in reals]
+
+
+def seed_path(predictor: Predictor, im, threshold: float) -> dict:
+    cfg = predictor.config
+    if predictor.device.type == "cuda":                   # IEEE fp32, as the seed ran
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with torch.inference_mode():
+        size = processed_size(im.width, im.height, cfg.min_size, cfg.max_size)
+        batch = pad_batch([image_tensor(im, size, predictor.device)])
+        outputs = predictor.model(batch.images, batch.padding_mask)
+        return plain_postprocess(outputs, [size], [(im.height, im.width)], threshold)[0]
+
+
+def run_ours(predictor: Predictor, images, batch_size: int) -> tuple[float, list[dict]]:
+    """Seconds for all `images` in batches of `batch_size`, and the results."""
+    _sync(predictor.device)
+    start = time.perf_counter()
+    results = []
+    for i in range(0, len(images), batch_size):
+        results.extend(predictor.predict_batch(images[i:i + batch_size]))
+    _sync(predictor.device)
+    return time.perf_counter() - start, results
 
 
 def main(argv=None) -> None:
@@ -43,71 +107,110 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="detr-r101")
     ap.add_argument("--min-size", type=int, default=800)
     ap.add_argument("--max-size", type=int, default=1333)
-    ap.add_argument("--images", type=int, default=3, help="timed images per path")
+    ap.add_argument("--images", type=int, default=3, help="timed images per configuration")
+    ap.add_argument("--seed-images", type=int, default=None, help="timed images on the seed path (default: --images)")
     ap.add_argument("--kept", type=int, default=15, help="aim: queries kept per image")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16, fp16 (CUDA only for the last two)")
+    ap.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes for our path")
+    ap.add_argument("--mixed-sizes", action="store_true",
+                    help="images of eight COCO-like sizes (batches pad, shapes vary) instead of all 640x480")
+    ap.add_argument("--cudnn-benchmark", choices=("on", "off"), default=None,
+                    help="CUDA: override the Predictor's cudnn.benchmark setting")
+    ap.add_argument("--serial-postprocess-row", action="store_true",
+                    help="CUDA: add a row (first precision, largest batch) with the images of a batch postprocessed one after another")
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
+    precisions = args.precisions.split(",")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    seed_n = args.seed_images or args.images
+    device = resolve_device(args.device)
 
-    images = [decode_image(gradient_jpeg(100 + i)) for i in range(args.images + 1)]   # [0]: warm-up
+    warm = max(batch_sizes)
+    sizes = MIXED_SIZES if args.mixed_sizes else [(640, 480)]
+    all_images = [decode_image(gradient_jpeg(100 + i, *sizes[i % len(sizes)])) for i in range(warm + args.images)]
+    warmup, images = all_images[:warm], all_images[warm:]
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         weights = save_informative_weights(args.model, os.path.join(tmp, "informative.pt"))
         build_s = time.perf_counter() - t
         base = ModelConfig(model=args.model, weights=str(weights), threshold=0.5, min_size=args.min_size,
-                           max_size=args.max_size, device="cpu", batch_size=1)
+                           max_size=args.max_size, device=str(device), batch_size=1)
         predictor = Predictor(base)
-    model = predictor.model
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
+    threshold, kept_queries = choose_threshold(predictor, images[:min(len(images), 8)], args.kept)
+    base = ModelConfig(**{**base.as_dict(), "threshold": threshold})
+    predictor.config = base
 
-    def inputs(im):
-        size = processed_size(im.width, im.height, args.min_size, args.max_size)
-        batch = pad_batch([image_tensor(im, size)])
-        return batch, [size], [(im.height, im.width)]
+    seed_path(predictor, warmup[0], threshold)                        # warm-up
+    _sync(device)
+    seed_results, seed_t = [], []
+    for im in images[:seed_n]:
+        t = time.perf_counter()
+        seed_results.append(seed_path(predictor, im, threshold))
+        _sync(device)
+        seed_t.append(time.perf_counter() - t)
+    seed_s = statistics.median(seed_t)
+    print(f"seed path: {seed_s * 1e3:.1f} ms/image (median of {seed_n})", flush=True)
 
-    # Threshold: midway between the K-th and (K+1)-th best real-class score, median over images.
-    with torch.inference_mode():
-        cuts, reals = [], []
-        for im in images[1:]:
-            batch, _, _ = inputs(im)
-            logits = model.detr(batch.images, batch.padding_mask).pred_logits[0].softmax(-1)
-            scores, labels = logits.max(-1)
-            real = scores[labels != logits.shape[-1] - 1].sort(descending=True).values
-            reals.append(real)
-            k = min(args.kept, len(real) - 1)
-            cuts.append(float(real[k - 1] + real[k]) / 2)
-    threshold = statistics.median(cuts)
-    kept_queries = [int((real > threshold).sum()) for real in reals]
-    predictor.config = ModelConfig(**{**base.as_dict(), "threshold": threshold})
+    configs = [(p, b, "threads") for p in precisions for b in batch_sizes]
+    if args.serial_postprocess_row and device.type == "cuda":
+        configs.append((precisions[0], max(batch_sizes), "serial"))
+    pool = predictor._postprocess_pool
+    rows = []
+    for precision, batch_size, postprocess in configs:
+        predictor._postprocess_pool = pool if postprocess == "threads" else None
+        predictor.config = ModelConfig(**{**base.as_dict(), "precision": precision, "batch_size": batch_size})
+        run_ours(predictor, warmup[:batch_size], batch_size)        # warm-up, same batch shape
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rss_reset = reset_peak_rss()
+        seconds, results = run_ours(predictor, images, batch_size)
+        agree = [float(np.mean(a["id_map"] == b["id_map"])) for a, b in zip(seed_results, results)]
+        row = {
+            "precision": precision, "batch_size": batch_size,
+            "postprocess": postprocess if device.type == "cuda" else "serial",
+            "ms_per_image": seconds * 1e3 / len(images), "images_per_s": len(images) / seconds,
+            "speedup_vs_seed": seed_s * len(images) / seconds,
+            "model_ms": statistics.median(r["model_ms"] for r in results),
+            "postprocess_ms": statistics.median(r["postprocess_ms"] for r in results),
+            "segments_per_image": statistics.mean(len(r["segments_info"]) for r in results),
+            "id_map_agreement_min": min(agree),
+            "id_map_agreement_mean": statistics.mean(agree),
+            "gpu_peak_allocated_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                                       if device.type == "cuda" else None),
+            "host_peak_rss_mib": proc_status("VmHWM") / 1024 if rss_reset else None,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
-    def seed_path(im):
-        with torch.inference_mode():
-            batch, sizes, targets = inputs(im)
-            outputs = model(batch.images, batch.padding_mask)
-            return plain_postprocess(outputs, sizes, targets, threshold)[0]
-
-    def ours(im):
-        return predictor.predict_batch([im])[0]
-
-    seed_path(images[0]), ours(images[0])                      # warm-up
-    seed_t, ours_t, kept, agree = [], [], [], []
-    for im in images[1:]:
-        t = time.perf_counter(); a = seed_path(im); seed_t.append(time.perf_counter() - t)
-        t = time.perf_counter(); b = ours(im); ours_t.append(time.perf_counter() - t)
-        kept.append(len(b["segments_info"]))
-        agree.append(float(np.mean(a["id_map"] == b["id_map"])))
-        print(f"image: seed {seed_t[-1]:.2f} s, ours {ours_t[-1]:.2f} s, segments {kept[-1]}, "
-              f"id maps agree on {agree[-1]:.4%} of pixels", flush=True)
     h, w = processed_size(640, 480, args.min_size, args.max_size)
-    seed_s, ours_s = statistics.median(seed_t), statistics.median(ours_t)
-    print(f"\n{args.model}, input {h}x{w} (640x480 images, --min-size {args.min_size} --max-size {args.max_size}), "
+    images_are = "8 mixed COCO-like sizes" if args.mixed_sizes else "640x480 images"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} cores")
+    print(f"\n{args.model}, input {h}x{w} ({images_are}, --min-size {args.min_size} --max-size {args.max_size}), "
           f"informative seeded weights (built in {build_s:.1f} s), threshold {threshold:.3f} "
-          f"(aim {args.kept} kept/image), batch size 1, CPU, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} cores, "
+          f"(aim {args.kept} kept/image), {where}, torch {torch.__version__}, "
+          f"cudnn.benchmark {torch.backends.cudnn.benchmark if device.type == 'cuda' else '–'}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| path | seconds per image (median) |")
-    print("|---|---|")
-    print(f"| seed: 100 queries through the mask head + plain per-image postprocessing | {seed_s:.2f} |")
-    print(f"| ours: forward_kept + postprocess_kept | {ours_s:.2f} |")
-    print(f"| speed-up | **{seed_s / ours_s:.2f}×** |")
-    print(f"queries kept per image: {kept_queries}; segments per image: {kept}; id maps agree on {min(agree):.4%} of pixels at worst")
+    print(f"seed path (batch 1, fp32, all 100 queries, plain CPU postprocessing): {seed_s * 1e3:.1f} ms/image, "
+          f"{1 / seed_s:.2f} images/s (median of {seed_n})")
+    print("| precision | batch | postprocess | images/s | ms/image | × seed | model ms | postprocess ms | "
+          "id maps = seed (worst image) | GPU peak MiB | host peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gpu = f"{r['gpu_peak_allocated_mib']:.0f}" if r["gpu_peak_allocated_mib"] is not None else "–"
+        rss = f"{r['host_peak_rss_mib']:.0f}" if r["host_peak_rss_mib"] is not None else "–"
+        print(f"| {r['precision']} | {r['batch_size']} | {r['postprocess']} | {r['images_per_s']:.2f} | {r['ms_per_image']:.1f} | "
+              f"**{r['speedup_vs_seed']:.2f}×** | {r['model_ms']:.1f} | {r['postprocess_ms']:.1f} | "
+              f"{r['id_map_agreement_min']:.4%} | {gpu} | {rss} |")
+    print(f"queries kept per image (threshold pass): {kept_queries}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "device": where, "torch": torch.__version__,
+                       "input": [h, w], "threshold": threshold, "seed_ms_per_image": seed_s * 1e3,
+                       "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

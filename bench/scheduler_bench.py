@@ -32,6 +32,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from bench.memory import proc_status, reset_peak_rss
+
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PER_FOLDER = 1000
@@ -56,25 +58,6 @@ def upload_level(client, bucket: str, prefix: str, start: int, count: int, threa
         for _ in pool.map(put, range(start, start + count), chunksize=64):
             pass
     return count / (time.perf_counter() - t0)
-
-
-def proc_status(field: str) -> int:
-    """A KiB figure of this process from /proc/self/status (VmRSS: now; VmHWM: peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(source: str, warm_source: str, dest: str, queue: str, trace: bool) -> dict:

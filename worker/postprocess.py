@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -398,13 +400,33 @@ def _pair(size) -> tuple[int, int]:
 # Public entry points
 # --------------------------------------------------------------------------------------------
 
+_side_streams = threading.local()
+
+
+def _on_side_stream(ready: torch.cuda.Event, *args) -> dict:
+    """`_postprocess_image` on this thread's own CUDA stream, after the `ready` event.
+
+    Returns only after copying the id map to the host (which waits for this stream), so the
+    caller's tensors are no longer in use once the result is back."""
+    device = args[0].device
+    stream = getattr(_side_streams, "stream", None)
+    if stream is None or stream.device != device:
+        stream = _side_streams.stream = torch.cuda.Stream(device)
+    stream.wait_event(ready)
+    with torch.inference_mode(), torch.cuda.stream(stream):  # both are per thread
+        return _postprocess_image(*args)
+
+
 @torch.inference_mode()
-def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, target_sizes) -> list[dict]:
+def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, target_sizes,
+                     executor: Executor | None = None) -> list[dict]:
     """Results from the pruned model pass (`model.forward_kept`).
 
     outputs_kept: {"pred_logits" [B,Q,C+1], "keep" [B,Q] bool, "kept_masks" [K,H',W'] for the kept
     queries in (image, query) order, ...}; processed_sizes / target_sizes: B pairs (h, w).
     Returns per image {"id_map": int32 [H, W] (0 = VOID), "png": bytes, "segments_info": [...]}.
+    With CUDA tensors and an `executor` (threads), images are postprocessed concurrently, each
+    thread on its own CUDA stream; results are the same.
     """
     logits, keep, masks = outputs_kept["pred_logits"], outputs_kept["keep"], outputs_kept["kept_masks"]
     batch = logits.shape[0]
@@ -416,7 +438,7 @@ def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, 
     counts = keep.sum(1).tolist()
     if masks.shape[0] != len(kept_labels):
         raise ValueError(f"{masks.shape[0]} kept masks for {len(kept_labels)} kept queries")
-    results = []
+    jobs = []
     start = 0
     for b in range(batch):
         n = counts[b]
@@ -424,10 +446,13 @@ def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, 
         H, W = _pair(target_sizes[b])
         h4, w4 = math.ceil(h / MASK_STRIDE), math.ceil(w / MASK_STRIDE)
         image_masks = masks[start:start + n, :h4, :w4].float().contiguous()
-        results.append(_postprocess_image(image_masks, kept_labels[start:start + n],
-                                          kept_scores[start:start + n], (h, w), (H, W)))
+        jobs.append((image_masks, kept_labels[start:start + n], kept_scores[start:start + n], (h, w), (H, W)))
         start += n
-    return results
+    if executor is None or masks.device.type != "cuda" or batch == 1:
+        return [_postprocess_image(*job) for job in jobs]
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(masks.device))   # the masks above are computed there
+    return [f.result() for f in [executor.submit(_on_side_stream, ready, *job) for job in jobs]]
 
 
 @torch.inference_mode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,7 +20,14 @@ from .preprocess import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE
                          pad_batch, processed_size)
 
 DEFAULT_THRESHOLD = 0.85
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Autocast dtype per --precision. "fp32" is IEEE float32 throughout (TF32 off: CUDA results
+# match the CPU's); "tf32" lets matrix products and convolutions round inputs to TF32 on Ampere
+# and later (faster, ~1e-3 relative error); bf16/fp16 autocast the model.
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Threads that postprocess a batch's images concurrently on CUDA, each on its own stream: the
+# per-image work is many small kernels, a few host syncs and the PNG encoding, so one thread
+# leaves the GPU mostly idle.
+POSTPROCESS_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,16 @@ class Predictor:
             raise ValueError(f"--threshold must be in [0, 1), not {config.threshold}")
         self.config = config
         self.device = resolve_device(config.device)
-        if self.device.type != "cuda" and config.precision != "fp32":
+        if self.device.type != "cuda" and config.precision not in ("fp32", "tf32"):
             raise ValueError(f"--precision {config.precision} needs a CUDA device; the CPU runs fp32")
         self.model = create_model(config.model, weights=config.weights).to(self.device)
+        self._postprocess_pool = None
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
+            # with each image size and each batch's count of kept queries. On an H200 with eight
+            # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
             self.model = self.model.to(memory_format=torch.channels_last)
+            self._postprocess_pool = ThreadPoolExecutor(POSTPROCESS_THREADS, thread_name_prefix="postprocess")
 
     @property
     def model_info(self) -> dict:
@@ -72,6 +84,11 @@ class Predictor:
                 "threshold": self.config.threshold}
 
     def _autocast(self):
+        if self.device.type == "cuda":
+            # Process-wide switches, set per batch: one process may serve jobs of either kind.
+            tf32 = self.config.precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
         dtype = PRECISIONS[self.config.precision]
         if dtype is None:
             return contextlib.nullcontext()
@@ -94,7 +111,8 @@ class Predictor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         model_done = time.perf_counter()
-        results = postprocess_kept(outputs, batch.sizes, [(im.height, im.width) for im in images])
+        results = postprocess_kept(outputs, batch.sizes, [(im.height, im.width) for im in images],
+                                   executor=self._postprocess_pool)
         finished = time.perf_counter()
         for result in results:
             result["model_ms"] = (model_done - start) * 1e3 / len(images)

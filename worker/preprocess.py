@@ -138,7 +138,12 @@ def processed_size(width: int, height: int, min_size: int = DEFAULT_MIN_SIZE,
 
 def image_tensor(image: Image.Image, size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """RGB image → normalised float32 [3, h, w] at `size` (h, w), resized on `device`."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    if torch.device(device).type == "cuda":
+        # Page-locked staging lets the copy run asynchronously with work already queued.
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+    else:
+        pixels = pixels.to(device)
     x = pixels.permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
