@@ -319,3 +319,28 @@ def test_padding_mask_none_equals_all_false(variant: Variant):
     with_mask = variant.forward(images, torch.zeros(2, *SMALL, dtype=torch.bool))
     for key in ("pred_logits", "pred_boxes", "pred_masks"):
         assert torch.equal(without[key], with_mask[key]), key
+
+
+def test_folded_batchnorm_gives_the_same_outputs():
+    # The Predictor folds the frozen batch norms into the convolutions (and uses NHWC); the
+    # outputs must stay those of the model as loaded, up to float rounding.
+    model = create_model("detr-r50", seed=3)
+    sd = model.state_dict()
+    for key in sd:                           # non-trivial BN statistics, so folding matters
+        if key.endswith("running_var"):
+            sd[key] = torch.rand_like(sd[key]) + 0.5
+        elif key.endswith("running_mean"):
+            sd[key] = torch.randn_like(sd[key]) * 0.1
+    model.load_state_dict(sd)
+    folded = copy.deepcopy(model)
+    folded.detr.backbone[0].body.fold_batchnorm()
+    folded = folded.to(memory_format=torch.channels_last)
+    assert not any(k.endswith("running_var") for k in folded.state_dict())
+    images = torch.randn(2, 3, 96, 128)
+    mask = torch.zeros(2, 96, 128, dtype=torch.bool)
+    mask[1, :, 100:] = True
+    with torch.inference_mode():
+        expected = model(images, mask)
+        actual = folded(images.contiguous(memory_format=torch.channels_last), mask)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-4 * float(expected[key].abs().max()))

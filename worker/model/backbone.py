@@ -32,6 +32,31 @@ class ResNetBody(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
 
+    def fold_batchnorm(self) -> None:
+        """Fold every frozen batch norm into the convolution before it (inference only).
+
+        A frozen BN is an affine map per channel, so conv∘BN is one conv with scaled weights and
+        a bias: the same function up to float rounding (~1e-6 relative), without a pass over
+        every activation map. The state dict no longer matches the checkpoints afterwards."""
+        pairs = [(self, "conv1", "bn1")]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+                if block.downsample is not None:
+                    pairs.append((block.downsample, "0", "1"))
+        for parent, conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+            if not isinstance(bn, FrozenBatchNorm2d):
+                continue                                  # folded already
+            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                               conv.dilation, conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+            with torch.no_grad():
+                folded.weight.copy_(conv.weight * scale[:, None, None, None])
+                folded.bias.copy_(bn.bias - bn.running_mean * scale)
+            setattr(parent, conv_name, folded)
+            setattr(parent, bn_name, nn.Identity())
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         stages = []
