@@ -11,9 +11,7 @@ import hashlib
 import json
 import itertools
 import os
-import queue
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -23,9 +21,6 @@ from storage.jobs import JobStore
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 DEFAULT_CHUNK_SIZE = 32
 INSERT_BATCH = 1000
-# Listed objects read ahead by a background thread: the next ListObjectsV2 pages download while
-# this batch is inserted and queued, instead of each waiting for the other.
-LISTING_READ_AHEAD = 2 * INSERT_BATCH
 
 
 class SubmitError(ValueError):
@@ -79,51 +74,6 @@ def iter_source_images(source: str, includes: Iterable[str] = ()) -> Iterator[ob
     return (info for info in objects.list_objects(source) if is_image_key(info.key, includes))
 
 
-def read_ahead(items: Iterator, depth: int) -> Iterator:
-    """The items of `items`, produced by a background thread up to `depth` ahead of the consumer.
-
-    An exception in the producer is raised here, at the point it would have occurred; closing
-    this generator early stops the producer."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce():
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            outcome = (done, None)
-        except BaseException as exc:        # handed to the consumer, raised there
-            outcome = (done, exc)
-        while not stop.is_set():
-            try:
-                buffer.put(outcome, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    thread = threading.Thread(target=produce, name="listing", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = buffer.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
 def chunked(items: list[int], size: int) -> Iterator[list[int]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
@@ -170,7 +120,7 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
     same model fingerprint, and whose ETag has not changed since, are skipped (nightly runs)."""
     spec = replace(spec, source=objects.normalize(spec.source), dest=objects.normalize(spec.dest))
     check_locations(spec.source, spec.dest)
-    listing = read_ahead(iter_source_images(spec.source, spec.includes), LISTING_READ_AHEAD)
+    listing = iter_source_images(spec.source, spec.includes)
     try:
         first = next(listing, None)         # fails here, before a job exists, if SOURCE is unreadable
     except objects.ObjectStoreError as exc:
