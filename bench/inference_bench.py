@@ -41,6 +41,7 @@ import platform
 import statistics
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -49,6 +50,8 @@ from bench.informative import save_informative_weights
 from bench.memory import proc_status, reset_peak_rss
 from bench.pipeline_bench import gradient_jpeg
 from bench.postprocess_bench import plain_postprocess
+from worker.batching import AspectBatcher
+from worker.model import create_model
 from worker.predictor import ModelConfig, Predictor, resolve_device
 from worker.preprocess import decode_image, image_tensor, pad_batch, processed_size
 
@@ -80,24 +83,38 @@ def choose_threshold(predictor: Predictor, images, kept: int) -> tuple[float, li
     return threshold, [int((real > threshold).sum()) for real in reals]
 
 
-def seed_path(predictor: Predictor, im, threshold: float) -> dict:
+def seed_path(predictor: Predictor, seed_model, im, threshold: float) -> dict:
+    """`seed_model`: the same weights as the predictor's, as loaded (no folding, NCHW)."""
     cfg = predictor.config
     if predictor.device.type == "cuda":                   # IEEE fp32, as the seed ran
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with torch.inference_mode():
         size = processed_size(im.width, im.height, cfg.min_size, cfg.max_size)
         batch = pad_batch([image_tensor(im, size, predictor.device)])
-        outputs = predictor.model(batch.images, batch.padding_mask)
+        outputs = seed_model(batch.images, batch.padding_mask)
         return plain_postprocess(outputs, [size], [(im.height, im.width)], threshold)[0]
 
 
-def run_ours(predictor: Predictor, images, batch_size: int) -> tuple[float, list[dict]]:
-    """Seconds for all `images` in batches of `batch_size`, and the results."""
+def batches_in_order(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+
+
+def batches_by_aspect(images, batch_size: int, min_size: int, max_size: int) -> list[list[int]]:
+    """The worker's grouping (worker.pipeline.AspectBatcher), images fed in order."""
+    batcher = AspectBatcher(batch_size, min_size, max_size)
+    items = [SimpleNamespace(index=i, image=im) for i, im in enumerate(images)]
+    batches = [b for b in (batcher.add(item) for item in items) if b] + batcher.flush()
+    return [[item.index for item in b] for b in batches]
+
+
+def run_ours(predictor: Predictor, images, batches: list[list[int]]) -> tuple[float, list[dict]]:
+    """Seconds for all `images` in the given batches (lists of indices), and the results in order."""
     _sync(predictor.device)
     start = time.perf_counter()
-    results = []
-    for i in range(0, len(images), batch_size):
-        results.extend(predictor.predict_batch(images[i:i + batch_size]))
+    results = [None] * len(images)
+    for batch in batches:
+        for i, result in zip(batch, predictor.predict_batch([images[i] for i in batch])):
+            results[i] = result
     _sync(predictor.device)
     return time.perf_counter() - start, results
 
@@ -115,6 +132,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes for our path")
     ap.add_argument("--mixed-sizes", action="store_true",
                     help="images of eight COCO-like sizes (batches pad, shapes vary) instead of all 640x480")
+    ap.add_argument("--group-by-aspect", action="store_true",
+                    help="form batches as the worker does (similar aspect ratios together) instead of in order")
     ap.add_argument("--cudnn-benchmark", choices=("on", "off"), default=None,
                     help="CUDA: override the Predictor's cudnn.benchmark setting")
     ap.add_argument("--serial-postprocess-row", action="store_true",
@@ -137,18 +156,19 @@ def main(argv=None) -> None:
         base = ModelConfig(model=args.model, weights=str(weights), threshold=0.5, min_size=args.min_size,
                            max_size=args.max_size, device=str(device), batch_size=1)
         predictor = Predictor(base)
+        seed_model = create_model(args.model, weights=str(weights)).to(device)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     threshold, kept_queries = choose_threshold(predictor, images[:min(len(images), 8)], args.kept)
     base = ModelConfig(**{**base.as_dict(), "threshold": threshold})
     predictor.config = base
 
-    seed_path(predictor, warmup[0], threshold)                        # warm-up
+    seed_path(predictor, seed_model, warmup[0], threshold)                        # warm-up
     _sync(device)
     seed_results, seed_t = [], []
     for im in images[:seed_n]:
         t = time.perf_counter()
-        seed_results.append(seed_path(predictor, im, threshold))
+        seed_results.append(seed_path(predictor, seed_model, im, threshold))
         _sync(device)
         seed_t.append(time.perf_counter() - t)
     seed_s = statistics.median(seed_t)
@@ -162,11 +182,13 @@ def main(argv=None) -> None:
     for precision, batch_size, postprocess in configs:
         predictor._postprocess_pool = pool if postprocess == "threads" else None
         predictor.config = ModelConfig(**{**base.as_dict(), "precision": precision, "batch_size": batch_size})
-        run_ours(predictor, warmup[:batch_size], batch_size)        # warm-up, same batch shape
+        run_ours(predictor, warmup[:batch_size], [list(range(batch_size))])   # warm-up
+        batches = (batches_by_aspect(images, batch_size, args.min_size, args.max_size) if args.group_by_aspect
+                   else batches_in_order(len(images), batch_size))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rss_reset = reset_peak_rss()
-        seconds, results = run_ours(predictor, images, batch_size)
+        seconds, results = run_ours(predictor, images, batches)
         agree = [float(np.mean(a["id_map"] == b["id_map"])) for a, b in zip(seed_results, results)]
         row = {
             "precision": precision, "batch_size": batch_size,
@@ -187,6 +209,8 @@ def main(argv=None) -> None:
 
     h, w = processed_size(640, 480, args.min_size, args.max_size)
     images_are = "8 mixed COCO-like sizes" if args.mixed_sizes else "640x480 images"
+    if args.group_by_aspect:
+        images_are += ", batches grouped by aspect ratio"
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads, {platform.machine()}, {os.cpu_count()} cores")
     print(f"\n{args.model}, input {h}x{w} ({images_are}, --min-size {args.min_size} --max-size {args.max_size}), "

@@ -239,3 +239,26 @@ def test_submit_refuses_dest_inside_source(tmp_path):
     env = dict(os.environ, PANOPTIC_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
     result = cli("run", str(tmp_path / "in"), "--dest", str(tmp_path / "in" / "out"), *MODEL_ARGS, env=env)
     assert result.returncode != 0 and "overlaps SOURCE" in result.stderr
+
+
+def test_batches_group_images_by_aspect_ratio():
+    from types import SimpleNamespace
+
+    from worker.batching import AspectBatcher
+
+    def item(name, width, height):
+        return SimpleNamespace(name=name, image=Image.new("RGB", (width, height)))
+
+    batcher = AspectBatcher(batch_size=2, min_size=800, max_size=1333)
+    # 4:3 and 3:2 landscapes share a bucket; a portrait does not join them.
+    assert batcher.add(item("land-4:3", 640, 480)) is None
+    assert batcher.add(item("portrait", 480, 640)) is None
+    batch = batcher.add(item("land-3:2", 640, 427))
+    assert [i.name for i in batch] == ["land-4:3", "land-3:2"]
+    assert batcher.held == 1
+    # Left-overs: sorted by aspect ratio, cut into as few batches as possible.
+    batcher.add(item("square", 500, 500))
+    batcher.add(item("tall", 300, 900))
+    rest = batcher.flush()
+    assert [[i.name for i in b] for b in rest] == [["square", "portrait"], ["tall"]]
+    assert batcher.held == 0
