@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -17,6 +18,24 @@ from storage.objects import mask_url
 from .submit import DEFAULT_CHUNK_SIZE
 
 
+class BatchSizeType(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            size = 0
+        if size < 1:
+            self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
+        return size
+
+
+BATCH_SIZE = BatchSizeType()
+
+
 def model_options(func):
     """The options accepted wherever a model runs (predict, submit, run)."""
     options = [
@@ -27,8 +46,8 @@ def model_options(func):
                           "runs), a local path, s3://bucket/key or an https:// URL."),
         click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
                      help="Keep queries whose class confidence is above this."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Images per forward pass."),
+        click.option("--batch-size", type=BATCH_SIZE, default="auto", show_default=True,
+                     help="Images per forward pass, or auto: 16 on CUDA, 1 on the CPU."),
         click.option("--min-size", type=click.IntRange(min=1), default=DEFAULT_MIN_SIZE, show_default=True,
                      help="Resize the shortest side to this many pixels…"),
         click.option("--max-size", type=click.IntRange(min=1), default=DEFAULT_MAX_SIZE, show_default=True,
@@ -88,8 +107,8 @@ def predict(images, out_dir, **options):
         except (ImageDecodeError, ObjectStoreError, OSError) as exc:
             failed.append(uri)
             click.echo(f"failed: {uri}: {exc}", err=True)
-    for start in range(0, len(decoded), config.batch_size):
-        chunk = decoded[start:start + config.batch_size]
+    for start in range(0, len(decoded), predictor.batch_size):
+        chunk = decoded[start:start + predictor.batch_size]
         for (uri, image), result in zip(chunk, predictor.predict_batch([im for _, im in chunk])):
             stem = Path(uri).stem
             (out_dir / f"{stem}.png").write_bytes(result["png"])
@@ -113,6 +132,8 @@ def job_options(func):
         click.option("--name", help="A name for the job (default: SOURCE)."),
         click.option("--force", is_flag=True, help="Process every image, also those unchanged (same ETag) "
                      "since their last success with the same model settings."),
+        click.option("--overlays", is_flag=True, help="Also write DEST/<path>.overlay.jpg: the image with its "
+                     "segments coloured and labelled (at most 2048 px; see `report`)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -125,7 +146,8 @@ def job_spec(source, dest, chunk_size, includes, name, options, queue=None) -> "
                    threshold=options["threshold"], min_size=options["min_size"], max_size=options["max_size"],
                    name=name, includes=tuple(includes), chunk_size=chunk_size,
                    config={"batch_size": options["batch_size"], "max_pixels": options["max_pixels"],
-                           "max_bytes": options["max_bytes"], "chunk_size": chunk_size, "queue": queue})
+                           "max_bytes": options["max_bytes"], "chunk_size": chunk_size, "queue": queue,
+                           "overlays": bool(options.get("overlays"))})
 
 
 def skipped_note(status) -> str:
@@ -181,9 +203,13 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from exc
     processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
+    from .progress import JobProgress, stdout_console
     try:
-        for job, ids in chunks:
-            processor.process(job, ids)
+        with JobProgress(job_id, store.job(job_id).total, stdout_console()) as progress:
+            for job, ids in chunks:
+                processor.process(job, ids)
+                now = store.job(job_id)
+                progress.update(now.succeeded + now.failed, now.failed)
     except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
         if type(exc).__name__ in ("WeightsError", "ValueError"):
             raise click.ClickException(str(exc)) from exc
@@ -205,18 +231,34 @@ def run(source, dest, chunk_size, includes, name, force, **options):
               help="Worker processes. Keep 1 per GPU: each process loads its own model.")
 @click.option("--queues", default=None, help="Comma-separated queues to consume (default: panoptic).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(device, precision, concurrency, queues, loglevel):
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="PANOPTIC_LOG_FORMAT", show_envvar=True, help="json: one JSON object per line "
+              "(timestamp, level, logger, message, job_id, chunk, image ids…), for log collectors.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, envvar="PANOPTIC_METRICS_PORT",
+              show_envvar=True, help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (bind address: "
+              "$PANOPTIC_METRICS_ADDR); off by default.")
+def worker(device, precision, concurrency, queues, loglevel, log_format, metrics_port):
     """Start a Celery worker that processes queued chunks (broker: $PANOPTIC_BROKER_URL)."""
     import os
 
+    from worker.logs import configure as configure_logging
     from worker.queue import DEFAULT_QUEUE, app
 
     from .dispatch import start_reaper_thread
 
     os.environ["PANOPTIC_DEVICE"] = device
     os.environ["PANOPTIC_PRECISION"] = precision
+    configure_logging(log_format, loglevel)
+    if metrics_port is not None:
+        from worker.metrics_server import serve as serve_metrics
+        try:
+            serve_metrics(metrics_port)
+        except OSError as exc:
+            raise click.ClickException(f"--metrics-port {metrics_port}: {exc.strerror or exc}") from exc
     start_reaper_thread()
-    app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
+    # --quiet (Celery's): no start-up banner on stdout, which would break a stream of JSON lines.
+    quiet = ["--quiet"] if log_format == "json" else []
+    app.worker_main([*quiet, "worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
                      f"--queues={queues or DEFAULT_QUEUE}", "--without-gossip", "--without-mingle"])
 
 
@@ -285,9 +327,19 @@ def _find_job(store, job_id):
 @main.command()
 @click.argument("job_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(job_id, as_json):
+@click.option("--watch", is_flag=True,
+              help="Redraw a live progress bar (images/s, ETA) until JOB_ID finishes; plain lines when "
+                   "stdout is not a terminal.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between polls with --watch.")
+def status(job_id, as_json, watch, interval):
     """Progress of JOB_ID, or of every job."""
     store = open_store()
+    if watch:
+        if not job_id or as_json:
+            raise click.UsageError("--watch needs a JOB_ID and does not combine with --json")
+        _watch(store, _find_job(store, job_id).id, interval)
+        return
     statuses = [_find_job(store, job_id)] if job_id else store.jobs()
     if as_json:
         payload = [status_dict(s) for s in statuses]
@@ -300,6 +352,23 @@ def status(job_id, as_json):
         table.add_row(s.id, s.name, s.state, str(s.total), str(s.succeeded), str(s.failed), str(s.pending),
                       f"{s.rate:.2f}")
     Console().print(table)
+
+
+def _watch(store, job_id: str, interval: float) -> None:
+    from .progress import JobProgress, stdout_console
+    job = store.job(job_id)
+    try:
+        with JobProgress(job_id, job.total, stdout_console()) as progress:
+            while True:
+                progress.update(job.succeeded + job.failed, job.failed, total=job.total)
+                if job.finished:
+                    break
+                time.sleep(interval)
+                job = store.job(job_id)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    click.echo(f"job {job.id}: {job.state}, {job.succeeded} of {job.total} succeeded, {job.failed} failed"
+               f"{skipped_note(job)}")
 
 
 @main.command()
@@ -324,6 +393,17 @@ def stats(job_id, as_json):
         table.add_row(str(r["category_id"]), r["category_name"], "yes" if r["isthing"] else "no",
                       str(r["segments"]), str(r["images"]), str(r["pixels"]))
     Console().print(table)
+
+
+from .evaluate import evaluate_command  # noqa: E402  (export and evaluate: using the results)
+from .export import export_command  # noqa: E402
+
+main.add_command(export_command, "export")
+main.add_command(evaluate_command, "evaluate")
+
+from .report import report_command  # noqa: E402  (report: a static HTML report of a job)
+
+main.add_command(report_command, "report")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SUBCOMMANDS = ["predict"]
+SUBCOMMANDS = ["predict", "submit", "worker", "run", "status", "stats", "cancel", "retry", "reap", "export",
+               "evaluate", "report"]
 
 
 def panoptic_batch(*args, env=None, cwd=None):
@@ -95,3 +96,19 @@ def test_predict_defaults_to_official_weights_and_explains_when_offline(tmp_path
     assert "detr-r50-panoptic-00ce5173.pth" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "wide.png").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_batch_size_must_be_positive_or_auto(tmp_path, value):
+    result = panoptic_batch("predict", str(tmp_path / "x.jpg"), "--out", str(tmp_path), "--batch-size", value)
+    assert result.returncode == 2
+    assert "neither a positive integer nor auto" in result.stderr
+
+
+def test_auto_batch_size_follows_the_device():
+    import torch
+
+    from worker.predictor import resolve_batch_size
+    assert resolve_batch_size("auto", torch.device("cpu")) == 1
+    assert resolve_batch_size("auto", torch.device("cuda", 0)) == 16
+    assert resolve_batch_size(4, torch.device("cuda", 0)) == 4

@@ -318,7 +318,8 @@ RAW_SQL_ALLOWED = {
     ("storage/db.py", 'conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) '
                       'else "BEGIN")'),
 }
-RAW_SQL = re.compile(r"""\btext\s*\(|exec_driver_sql\s*\(|\.execute\s*\(\s*[rbfu]*["']|\bop\.execute\s*\(|"""
+# text( as a bare name or sqlalchemy's (sa.text, sqlalchemy.text), not a method such as Pillow's draw.text(.
+RAW_SQL = re.compile(r"""(?:(?<![\w.])|\bsa\.|\bsqlalchemy\.)text\s*\(|exec_driver_sql\s*\(|\.execute\s*\(\s*[rbfu]*["']|\bop\.execute\s*\(|"""
                      r"""\.executescript\s*\(|sql\.SQL\s*\(""")
 
 

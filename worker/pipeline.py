@@ -18,7 +18,7 @@ import threading
 import time
 import unicodedata
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -28,8 +28,12 @@ from storage import objects
 from storage.jobs import JobStore
 from storage.retry import retry_transient
 
+from . import metrics
+from .batching import AspectBatcher
+from .logs import inherit_context
 from .model import WeightsError
 from .output import result_document
+from .overlay import write_overlay
 from .predictor import ModelConfig, Predictor
 from .preprocess import check_bytes, decode_image
 
@@ -71,6 +75,14 @@ def output_stem(key: str) -> str:
     if stem is None or stem.name in ("", ".", ".."):      # "", "/", "..jpg", "...jpg"
         raise ValueError(f"unusable image key {key!r}: no file name to name its outputs after")
     return str(stem)
+
+
+def _report_failure(image_id: int, key: str | None, error: str, recorded: bool) -> None:
+    """One log line (key and error) and the failure counter, per failed image."""
+    metrics.image_failed(recorded)
+    log.warning("image %s failed: %s%s", key if key is not None else f"id {image_id}", error,
+                "" if recorded else " (not recorded: the claim had expired and another worker holds the image)",
+                extra={"image_id": image_id, "key": key, "error": error})
 
 
 # Unicode's explicit bidirectional formatting characters: they make "x\u202egnp.jpg" display as
@@ -142,15 +154,18 @@ class ChunkProcessor:
                              min_size=job.min_size, max_size=job.max_size,
                              max_pixels=job.config.get("max_pixels", ModelConfig.max_pixels),
                              max_bytes=job.config.get("max_bytes", ModelConfig.max_bytes),
-                             batch_size=job.config.get("batch_size", 1),
+                             batch_size=job.config.get("batch_size", "auto"),
                              device=self.device, precision=self.precision)
         if self._predictor is None or self._predictor.config != config:
             self._predictor = None          # free the old model before loading the next
+            started = time.perf_counter()
             self._predictor = Predictor(config)
+            metrics.model_loaded(config.model, time.perf_counter() - started)
         return self._predictor
 
     def process(self, job_id: str, image_ids: list[int]) -> list[ImageOutcome]:
-        """Process the images of a chunk that nobody else has done or holds; results in order.
+        """Process the images of a chunk that nobody else has done or holds; one outcome per image
+        processed (in the order they finished).
 
         The whole chunk is claimed first, so that a worker lost in the middle leaves leases that
         expire and a reaper re-queues; the job is checked for cancellation before every batch.
@@ -170,31 +185,78 @@ class ChunkProcessor:
         outcomes: list[ImageOutcome] = []
         try:
             claimed = self._claim(image_ids, token, leases, outcomes)
-            batch_size = predictor.config.batch_size
-            batches = [claimed[i:i + batch_size] for i in range(0, len(claimed), batch_size)]
-            with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io") as pool:
-                uploads: list[Future] = []
-                fetching = self._fetch(pool, batches[0], predictor) if batches else []
-                for index, _ in enumerate(batches):
-                    decoded = [f.result() for f in fetching]
-                    if self.store.job(job_id).state == "cancelled":
-                        for item in (i for batch in batches[index:] for i in batch):
-                            self.store.release(item.id, token)
-                            leases.drop(item.id)
-                        break
-                    if index + 1 < len(batches):
-                        fetching = self._fetch(pool, batches[index + 1], predictor)
-                    uploads += self._run_batch(pool, job, predictor, decoded, token, leases, outcomes)
+            with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io", initializer=inherit_context()) as pool:
+                uploads = self._run_claimed(pool, job, predictor, claimed, token, leases, outcomes)
                 outcomes += [future.result() for future in uploads]
         finally:
             leases.close()
         return outcomes
 
+    def _run_claimed(self, pool, job, predictor, claimed, token, leases, outcomes) -> list[Future]:
+        """Download, batch and run the claimed images; returns the pending uploads.
+
+        Downloads run ahead of the model in a bounded window; batches form as images arrive,
+        grouped by aspect ratio so that a batch pads little (a portrait image in a landscape batch
+        would pad both to a square). Before each batch the job is checked for cancellation; if it
+        was cancelled, the images not yet run are handed back."""
+        batch_size = predictor.batch_size
+        batcher = AspectBatcher(batch_size, predictor.config.min_size, predictor.config.max_size)
+        window = max(IO_THREADS, 3 * batch_size)     # images downloading or decoded, not yet run
+        waiting = iter(claimed)
+        fetching: set[Future] = set()
+        uploads: list[Future] = []
+        done: set[int] = set()
+
+        def top_up() -> bool:
+            """Start downloads while the window has room; False once all have started."""
+            while len(fetching) + batcher.held < window:
+                image = next(waiting, None)
+                if image is None:
+                    return False
+                fetching.add(pool.submit(self._download_and_decode, image, predictor.config.max_pixels,
+                                         predictor.config.max_bytes))
+            return True
+
+        def run(batch: list[_Decoded]) -> bool:
+            if self.store.job(job.id).state == "cancelled":
+                return False
+            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes))
+            done.update(d.image_id for d in batch)
+            return True
+
+        running, more = True, top_up()
+        while running and fetching:
+            finished, _ = wait(fetching, return_when=FIRST_COMPLETED)
+            for future in finished:
+                fetching.discard(future)
+                decoded = future.result()
+                if decoded.image is None:
+                    outcomes.append(self._fail(decoded.image_id, token, leases, decoded.error, decoded.key))
+                    done.add(decoded.image_id)
+                elif (batch := batcher.add(decoded)) and not (running := run(batch)):
+                    break
+            more = running and top_up()
+            if running and more and not fetching:      # the window is full of odd shapes
+                running = run(batcher.take_largest())
+                more = top_up()
+        if running:
+            for batch in batcher.flush():
+                if not (running := run(batch)):
+                    break
+        if not running:                 # cancelled: hand back what was not processed
+            for future in fetching:
+                future.cancel()
+            for image in claimed:
+                if image.id not in done:
+                    self.store.release(image.id, token)
+                    leases.drop(image.id)
+        return uploads
+
     def _fail_all(self, image_ids, token, error: str) -> list[ImageOutcome]:
         outcomes = []
         for image_id in image_ids:
-            if self.store.claim(image_id, token, lease_seconds()) is not None:
-                self.store.record_failure(image_id, token, error)
+            if (image := self.store.claim(image_id, token, lease_seconds())) is not None:
+                _report_failure(image_id, image.key, error, self.store.record_failure(image_id, token, error))
                 outcomes.append(ImageOutcome(image_id, False, error))
         return outcomes
 
@@ -209,16 +271,11 @@ class ChunkProcessor:
                 # instead of taking down workers forever.
                 error = (f"gave up after {image.attempts - 1} attempts: the worker processing this image "
                          f"was lost each time (crash or out of memory?)")
-                self.store.record_failure(image.id, token, error)
-                outcomes.append(ImageOutcome(image.id, False, error))
+                outcomes.append(self._fail(image.id, token, leases, error, image.key))
                 continue
             leases.hold(image.id)
             claimed.append(image)
         return claimed
-
-    def _fetch(self, pool, images, predictor) -> list[Future]:
-        return [pool.submit(self._download_and_decode, image, predictor.config.max_pixels,
-                            predictor.config.max_bytes) for image in images]
 
     def _download_and_decode(self, image, max_pixels, max_bytes=None) -> _Decoded:
         start = time.perf_counter()
@@ -234,9 +291,10 @@ class ChunkProcessor:
             decoded, error = None, f"{type(exc).__name__}: {exc}"
         return _Decoded(image.id, image.key, image.uri, decoded, error, (time.perf_counter() - start) * 1e3)
 
-    def _fail(self, image_id: int, token: str, leases: _LeaseKeeper, error: str) -> ImageOutcome:
+    def _fail(self, image_id: int, token: str, leases: _LeaseKeeper, error: str,
+              key: str | None = None) -> ImageOutcome:
         """Record a per-image failure under this chunk's claim and stop renewing its lease."""
-        self.store.record_failure(image_id, token, error)
+        _report_failure(image_id, key, error, self.store.record_failure(image_id, token, error))
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
 
@@ -244,7 +302,7 @@ class ChunkProcessor:
         good = [d for d in decoded if d is not None and d.image is not None]
         for d in decoded:
             if d is not None and d.image is None:
-                outcomes.append(self._fail(d.image_id, token, leases, d.error))
+                outcomes.append(self._fail(d.image_id, token, leases, d.error, d.key))
         if not good:
             return []
         try:
@@ -253,13 +311,15 @@ class ChunkProcessor:
             # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
             # so that only the image that cannot be processed fails.
             if len(good) == 1:
-                outcomes.append(self._fail(good[0].image_id, token, leases, f"{type(exc).__name__}: {exc}"))
+                outcomes.append(self._fail(good[0].image_id, token, leases, f"{type(exc).__name__}: {exc}",
+                                           good[0].key))
                 return []
             log.warning("batch failed (%s); retrying its images one by one", exc)
             futures = []
             for d in good:
                 futures += self._run_batch(pool, job, predictor, [d], token, leases, outcomes)
             return futures
+        metrics.batch_done(len(good), predictor.device)
         return [pool.submit(self._upload_and_record, job, predictor, d, r, token, leases)
                 for d, r in zip(good, results)]
 
@@ -276,12 +336,15 @@ class ChunkProcessor:
             retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
                             what=f"write {json_uri}")
         except Exception as exc:
-            return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}")
+            return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
+        if job.config.get("overlays"):      # <stem>.overlay.jpg; never fails the image (see write_overlay)
+            write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
         height, width = result["id_map"].shape
-        self.store.record_success(
+        timings = {"decode_ms": d.decode_ms, "model_ms": result["model_ms"],
+                   "postprocess_ms": result["postprocess_ms"], "upload_ms": (time.perf_counter() - start) * 1e3}
+        recorded = self.store.record_success(
             d.image_id, token, output_png=png_uri, output_json=json_uri, height=height, width=width,
-            segments_info=document["segments_info"],
-            timings={"decode_ms": d.decode_ms, "model_ms": result["model_ms"],
-                     "postprocess_ms": result["postprocess_ms"], "upload_ms": (time.perf_counter() - start) * 1e3})
+            segments_info=document["segments_info"], timings=timings)
+        metrics.image_succeeded(timings, recorded)
         leases.drop(d.image_id)
         return ImageOutcome(d.image_id, True)

@@ -83,5 +83,7 @@ def processor():
 
 @app.task(name=TASK_NAME)
 def process_chunk(job_id: str, image_ids: list[int]) -> dict:
-    outcomes = processor().process(job_id, image_ids)
+    from .metrics import track_chunk      # log context (job, chunk, images), chunk metrics and log line
+    with track_chunk(job_id, image_ids, process_chunk.request.id) as chunk:
+        outcomes = chunk.outcomes = processor().process(job_id, image_ids)
     return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
