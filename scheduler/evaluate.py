@@ -84,7 +84,8 @@ def read_ids(uri: str, what: str):
 
 
 def default_folder(json_uri: str) -> str:
-    """panopticapi's default: the JSON file's name without its .json suffix."""
+    """The PNG folder beside a COCO panoptic FILE: its name without the .json suffix (panopticapi's
+    and detectron2's convention), else FILE_png."""
     return json_uri[:-5] if json_uri.lower().endswith(".json") else json_uri + "_png"
 
 

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import click
 
-from .evaluate import THREADS, StemMatcher, ordered_map, read_json
+from .evaluate import THREADS, StemMatcher, default_folder, ordered_map, read_json
 
 
 class ExportError(ValueError):
@@ -41,9 +41,6 @@ class ExportSummary:
     unmatched_ids: list[str] = field(default_factory=list)   # with --ids-from: images not in that file
 
 
-def default_png_folder(json_uri: str) -> str:
-    """FILE without its .json suffix (panopticapi's and detectron2's convention), else FILE_png."""
-    return json_uri[:-5] if json_uri.lower().endswith(".json") else json_uri + "_png"
 
 
 def _relative_png(record, dest: str) -> str:
@@ -94,7 +91,7 @@ def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None,
     from worker.categories import categories, is_known
 
     job = store.job(job_id)
-    png_folder = png_folder or default_png_folder(json_uri)
+    png_folder = png_folder or default_folder(json_uri)
     if _overlaps(png_folder, job.dest):
         raise ExportError(f"the PNG folder {png_folder} overlaps the job's destination {job.dest}: "
                           f"choose another --png-folder")
@@ -114,12 +111,18 @@ def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None,
             png = read_bytes(record.output_png)
         except ObjectStoreError as exc:
             raise ExportError(f"cannot read the PNG of {record.key}: {exc}") from None
+        if not all(isinstance(s, dict) and "id" in s and "category_id" in s for s in segments):
+            raise ExportError(f"the output JSON {record.output_json} of {record.key} has segments without "
+                              f"id or category_id")
         unknown = [s for s in segments if not is_known(s["category_id"])]
         if unknown:
             import numpy as np
 
             from worker.output import decode_id_png, encode_id_png
-            ids_map = decode_id_png(png)
+            try:
+                ids_map = decode_id_png(png)
+            except (OSError, ValueError) as exc:      # PIL's UnidentifiedImageError is an OSError
+                raise ExportError(f"the PNG {record.output_png} of {record.key} cannot be decoded: {exc}") from None
             ids_map[np.isin(ids_map, [s["id"] for s in unknown])] = 0
             png = encode_id_png(ids_map)
             segments = [s for s in segments if is_known(s["category_id"])]

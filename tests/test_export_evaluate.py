@@ -528,3 +528,20 @@ def test_export_and_evaluate_a_job_on_s3(s3_bucket, shared_dir, tmp_path):
     assert_same(json.loads(by_job.stdout), reference)
     assert_same(json.loads(by_file.stdout), reference)
     assert json.loads(by_job.stdout)["images"] == 3
+
+
+def test_export_of_a_damaged_output_says_which_and_why(local_job, tmp_path):
+    from scheduler.cli import main
+    root = local_job["root"]
+    document_path = sorted((root / "out").rglob("*.json"))[0]
+    original = document_path.read_text()
+    document = json.loads(original)
+    del document["segments_info"][0]["category_id"]
+    document_path.write_text(json.dumps(document))
+    try:
+        result = CliRunner().invoke(main, ["export", local_job["job"], "--out", str(tmp_path / "x.json")],
+                                    env=local_job["env"])
+    finally:
+        document_path.write_text(original)
+    assert result.exit_code == 1, result.output
+    assert "segments without id or category_id" in result.output and "Traceback" not in result.output

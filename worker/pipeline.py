@@ -157,6 +157,8 @@ class ChunkProcessor:
                              batch_size=job.config.get("batch_size", "auto"),
                              device=self.device, precision=self.precision)
         if self._predictor is None or self._predictor.config != config:
+            if self._predictor is not None:
+                self._predictor.close()
             self._predictor = None          # free the old model before loading the next
             started = time.perf_counter()
             self._predictor = Predictor(config)
@@ -224,7 +226,8 @@ class ChunkProcessor:
             done.update(d.image_id for d in batch)
             return True
 
-        running, more = True, top_up()
+        running = True
+        top_up()
         while running and fetching:
             finished, _ = wait(fetching, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -238,7 +241,7 @@ class ChunkProcessor:
             more = running and top_up()
             if running and more and not fetching:      # the window is full of odd shapes
                 running = run(batcher.take_largest())
-                more = top_up()
+                top_up()
         if running:
             for batch in batcher.flush():
                 if not (running := run(batch)):
@@ -337,8 +340,6 @@ class ChunkProcessor:
                             what=f"write {json_uri}")
         except Exception as exc:
             return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
-        if job.config.get("overlays"):      # <stem>.overlay.jpg; never fails the image (see write_overlay)
-            write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
         height, width = result["id_map"].shape
         timings = {"decode_ms": d.decode_ms, "model_ms": result["model_ms"],
                    "postprocess_ms": result["postprocess_ms"], "upload_ms": (time.perf_counter() - start) * 1e3}
@@ -347,4 +348,8 @@ class ChunkProcessor:
             segments_info=document["segments_info"], timings=timings)
         metrics.image_succeeded(timings, recorded)
         leases.drop(d.image_id)
+        # After the result is recorded: an overlay is an extra that never fails or delays the
+        # image, and its rendering does not count as upload time.
+        if job.config.get("overlays") and recorded:
+            write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
         return ImageOutcome(d.image_id, True)

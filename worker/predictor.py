@@ -96,6 +96,12 @@ class Predictor:
             # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
             self._postprocess_pool = ThreadPoolExecutor(POSTPROCESS_THREADS, thread_name_prefix="postprocess")
 
+    def close(self) -> None:
+        """Stop the postprocessing threads (their CUDA streams go with them)."""
+        if self._postprocess_pool is not None:
+            self._postprocess_pool.shutdown(wait=True)
+            self._postprocess_pool = None
+
     @property
     def model_info(self) -> dict:
         """What each result's JSON records about the model that made it."""
