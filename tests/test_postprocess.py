@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.postprocess_bench import plain_postprocess
-from tests.synthetic_outputs import (NO_OBJECT, batch_outputs, single_outputs, synthetic_batch,
-                                     synthetic_image)
+from tests.synthetic_outputs import (NO_OBJECT, batch_outputs, single_outputs, smooth_field, stuff_ids,
+                                     synthetic_batch, synthetic_image, thing_ids)
 from worker.model import kept_queries
 from worker.output import decode_id_png
 from worker.postprocess import (MIN_AREA, bilinear_resize_exact, panoptic_postprocess, pil_nearest_indices,
@@ -192,6 +192,35 @@ def test_realistic_size_matches_plain():
                  plain_postprocess(outputs, [(800, 1066)], [(480, 640)]))
 
 
+def _contested_everywhere(seed: int = 5, k: int = 12, processed=(800, 1066)) -> dict[str, torch.Tensor]:
+    """Kept masks that differ by noise only, so that no cell has a clear winner (what an untrained
+    or badly calibrated model gives); one query sits 4 sigma below the others and wins only a few
+    pixels, which are dropped and reassigned."""
+    rng = np.random.default_rng(seed)
+    h4, w4 = math.ceil(processed[0] / 4), math.ceil(processed[1] / 4)
+    base = smooth_field(rng, h4, w4).astype(np.float32)
+    masks = base + rng.normal(0.0, 0.01, (k, h4, w4)).astype(np.float32)
+    masks[-1] -= 0.04
+    cats = thing_ids()[:k // 2] + stuff_ids()[:2] * (k // 4) + stuff_ids()[2:2 + k - k // 2 - 2 * (k // 4)]
+    return _outputs(dict(enumerate(cats)), masks)
+
+
+@pytest.mark.parametrize("upsample_whole", [True, False])
+def test_contested_masks_match_plain(upsample_whole, monkeypatch):
+    """Both ways of taking the argmax (upsampling whole masks, or pixel by pixel in contested
+    cells) give the plain implementation's result when every cell is contested."""
+    import worker.postprocess as pp
+    calls = []
+    original = pp._QueryArgmax._upsampled_argmax
+    monkeypatch.setattr(pp._QueryArgmax, "_upsampled_argmax", lambda self: calls.append(1) or original(self))
+    monkeypatch.setattr(pp, "_DENSE_FRACTION", 0.25 if upsample_whole else 2.0)
+    outputs = _contested_everywhere()
+    ours = panoptic_postprocess(outputs, [(800, 1066)], [(480, 640)])
+    check_result(ours[0], (480, 640))
+    same_results(ours, plain_postprocess(outputs, [(800, 1066)], [(480, 640)]))
+    assert bool(calls) is upsample_whole
+
+
 # --------------------------------------------------------------------------------------------
 # hand-made cases
 # --------------------------------------------------------------------------------------------
@@ -289,6 +318,9 @@ def test_cuda_matches_cpu():
     outputs, _ = synthetic_batch(21, sizes, [25, 12, 8], duplicate_stuff=2)
     cpu = panoptic_postprocess(outputs, sizes, targets)
     gpu = panoptic_postprocess({k: v.cuda() for k, v in outputs.items()}, sizes, targets)
+    contested = _contested_everywhere()          # upsampled whole on the CPU, pixel by pixel on CUDA
+    cpu += panoptic_postprocess(contested, [(800, 1066)], [(480, 640)])
+    gpu += panoptic_postprocess({k: v.cuda() for k, v in contested.items()}, [(800, 1066)], [(480, 640)])
     for a, b in zip(cpu, gpu):
         assert np.array_equal(a["id_map"], b["id_map"])
         assert [(s["id"], s["category_id"], s["area"], s["bbox"]) for s in a["segments_info"]] == \
