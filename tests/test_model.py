@@ -280,7 +280,10 @@ def _threshold_between(probabilities: torch.Tensor) -> float:
     return float((values[i] + values[i + 1]) / 2)
 
 
-def test_forward_kept_gives_the_full_pass_masks_of_kept_queries(variant: Variant):
+@pytest.mark.parametrize("chunk", [32, 2])   # chunks spanning both images; chunks of one image each
+def test_forward_kept_gives_the_full_pass_masks_of_kept_queries(variant: Variant, chunk: int, monkeypatch):
+    import worker.model.segmentation as segmentation
+    monkeypatch.setattr(segmentation, "MASK_HEAD_CHUNK", chunk)
     images, mask = padded_batch()
     full, _ = variant.padded_outputs()
     probs, labels = full["pred_logits"].softmax(-1).max(-1)

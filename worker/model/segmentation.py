@@ -4,7 +4,8 @@ Per query, an attention map over the encoder memory (`bbox_attention`) is stacke
 projected features and refined by a small FPN-style convolutional head fed by backbone stages
 3, 2, 1, giving mask logits at stride 4. Every query goes through the head independently (group
 norm is per sample), which is what lets `forward_kept` run the head only for the queries that
-pass the confidence threshold and get exactly the masks the full pass gives them.
+pass the confidence threshold and get the masks the full pass gives them (up to float rounding:
+it also computes each image's share of the head's first convolution once, not once per query).
 """
 
 from __future__ import annotations
@@ -81,12 +82,34 @@ class MaskHead(nn.Module):
 
     def forward(self, features, attention, laterals, image_index):
         """features [B,d,h,w] and `laterals(fpns)` (per image) are shared by the N (image, query)
-        pairs whose image is `image_index` [N]."""
-        x = torch.cat([features[image_index], attention], 1)
-        x = F.relu(self.gn1(self.lay1(x)))
+        pairs whose image is `image_index` [N]. The definition: every pair from the concatenation."""
+        x = self.lay1(torch.cat([features[image_index], attention], 1))
+        return self._refine(x, [lateral[image_index] for lateral in laterals])
+
+    def shared_context(self, features: torch.Tensor) -> torch.Tensor:
+        """lay1's share of the features, with its bias: [B,d,h,w] → [B,dim,h,w], once per image.
+
+        lay1 is linear, so lay1(cat(features, attention)) = shared_context(features) + lay1 of the
+        attention alone; the per-pair part then convolves `heads` channels instead of d + heads."""
+        heads = self.lay1.in_channels - features.shape[1]
+        return F.conv2d(features, self.lay1.weight[:, :-heads], self.lay1.bias, padding=1)
+
+    def forward_shared(self, context, attention, laterals, image_index, image: int | None = None):
+        """`forward`'s masks (up to float rounding) from `shared_context(features)`. `image`: the
+        one image all N pairs come from, if so; its context and laterals are then broadcast over
+        the pairs instead of copied for each."""
+        def pick(per_image: torch.Tensor) -> torch.Tensor:
+            return per_image[image:image + 1] if image is not None else per_image[image_index]
+
+        heads = attention.shape[1]
+        x = pick(context) + F.conv2d(attention, self.lay1.weight[:, -heads:], padding=1)
+        return self._refine(x, [pick(lateral) for lateral in laterals])
+
+    def _refine(self, x, laterals):
+        """lay1's output [N,dim,h,w] and the pairs' laterals → mask logits [N,1,H/4,W/4]."""
+        x = F.relu(self.gn1(x))
         x = F.relu(self.gn2(self.lay2(x)))
         for lateral, conv, norm in zip(laterals, (self.lay3, self.lay4, self.lay5), (self.gn3, self.gn4, self.gn5)):
-            lateral = lateral[image_index]
             x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
             x = F.relu(norm(conv(x)))
         return self.out_lay(x)
@@ -104,7 +127,8 @@ class DETRPanoptic(nn.Module):
         self.mask_head = MaskHead(hidden_dim + nheads, tuple(reversed(STAGE_CHANNELS[:3])), hidden_dim)
 
     def _masks(self, f: DetrFeatures, image_index: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-        """Mask logits [N, H/4, W/4] for the (image, query) pairs given by the two index vectors.
+        """Mask logits [N, H/4, W/4] for the (image, query) pairs given by the two index vectors,
+        by the head's definition (`MaskHead.forward`).
 
         Pairs go through the head in chunks to bound memory: at stride 4 every pair costs
         tens of megabytes of activations."""
@@ -115,6 +139,23 @@ class DETRPanoptic(nn.Module):
             images = image_index[start:start + MASK_HEAD_CHUNK]
             queries = query_index[start:start + MASK_HEAD_CHUNK]
             chunks.append(self.mask_head(f.projected, attention[images, queries], laterals, images)[:, 0])
+        return torch.cat(chunks)
+
+    def _kept_masks(self, f: DetrFeatures, image_index: torch.Tensor, query_index: torch.Tensor,
+                    counts: list[int]) -> torch.Tensor:
+        """`_masks` for pairs in (image, query) order, `counts[b]` of image b, computed the fast
+        way (`MaskHead.forward_shared`): lay1's share of the features once per image, and a chunk
+        whose pairs share one image broadcasts that image's tensors instead of copying them."""
+        attention = self.bbox_attention(f.queries, f.memory, f.memory_mask)
+        laterals = self.mask_head.laterals([f.stages[2], f.stages[1], f.stages[0]])
+        context = self.mask_head.shared_context(f.projected)
+        owner = [b for b, n in enumerate(counts) for _ in range(n)]
+        chunks = []
+        for start in range(0, len(owner), MASK_HEAD_CHUNK):
+            end = min(start + MASK_HEAD_CHUNK, len(owner))
+            images, queries = image_index[start:end], query_index[start:end]
+            one = owner[start] if owner[start] == owner[end - 1] else None
+            chunks.append(self.mask_head.forward_shared(context, attention[images, queries], laterals, images, one)[:, 0])
         return torch.cat(chunks)
 
     @staticmethod
@@ -141,13 +182,14 @@ class DETRPanoptic(nn.Module):
 
         Returns pred_logits and pred_boxes for every query, `keep` [B,Q] bool (best class is not
         "no object" and its probability > threshold) and `kept_masks` [K,H/4,W/4] for the K kept
-        queries in (image, query) order — the same masks `forward` gives those queries.
+        queries in (image, query) order — the masks `forward` gives those queries, up to float
+        rounding (the head's first convolution is split in two, see `MaskHead.shared_context`).
         """
         f = self.detr(images, self._padding_mask(images, padding_mask))
         keep = kept_queries(f.pred_logits, threshold)
         image_index, query_index = keep.nonzero(as_tuple=True)
         if image_index.numel():
-            masks = self._masks(f, image_index, query_index)
+            masks = self._kept_masks(f, image_index, query_index, keep.sum(1).tolist())
         else:
             size = f.stages[0].shape[-2:]
             masks = f.pred_logits.new_zeros((0, *size))
