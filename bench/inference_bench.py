@@ -2,7 +2,12 @@
 
     python -m bench.inference_bench [--model detr-r101] [--min-size 800] [--max-size 1333]
         [--images 3] [--kept 15] [--device cpu] [--precisions fp32] [--batch-sizes 1]
-        [--seed-images N] [--json FILE]
+        [--seed-images N] [--interleave] [--json FILE]
+
+On this 2-core CPU (BENCHMARKS.md), alternating the two paths image by image so that a busy
+machine slows both alike:
+
+    python -m bench.inference_bench --model detr-r101 --images 5 --kept 15 --interleave
 
 On a GPU machine (the figures in BENCHMARKS.md):
 
@@ -119,6 +124,43 @@ def run_ours(predictor: Predictor, images, batches: list[list[int]]) -> tuple[fl
     return time.perf_counter() - start, results
 
 
+def interleaved(predictor: Predictor, seed_model, warm_image, images, threshold: float, args) -> None:
+    """Seed path and ours one after the other on each image (ours at batch 1, the first precision)."""
+    device = predictor.device
+    predictor.config = ModelConfig(**{**predictor.config.as_dict(), "precision": args.precisions.split(",")[0],
+                                      "batch_size": 1})
+    run_ours(predictor, [warm_image], [[0]])                                       # warm-up
+    rows = []
+    for i, im in enumerate(images):
+        _sync(device)
+        t = time.perf_counter()
+        seed = seed_path(predictor, seed_model, im, threshold)
+        _sync(device)
+        seed_s = time.perf_counter() - t
+        ours_s, (ours,) = run_ours(predictor, [im], [[0]])
+        rows.append({"image": i, "seed_s": seed_s, "ours_s": ours_s, "ratio": seed_s / ours_s,
+                     "model_s": ours["model_ms"] / 1e3, "postprocess_s": ours["postprocess_ms"] / 1e3,
+                     "segments": len(ours["segments_info"]),
+                     "id_map_agreement": float(np.mean(seed["id_map"] == ours["id_map"]))})
+        print(json.dumps(rows[-1]), flush=True)
+    median = {k: statistics.median(r[k] for r in rows) for k in ("seed_s", "ours_s", "ratio", "model_s", "postprocess_s")}
+    h, w = processed_size(images[0].width, images[0].height, args.min_size, args.max_size)
+    print(f"\n{args.model}, input {h}x{w}, threshold {threshold:.3f}, {device}, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seed and ours alternated image by image")
+    print("| image | seed s | ours s (model + postprocess) | speed-up | id maps = seed |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['image']} | {r['seed_s']:.2f} | {r['ours_s']:.2f} ({r['model_s']:.2f} + {r['postprocess_s']:.2f}) | "
+              f"{r['ratio']:.2f}× | {r['id_map_agreement']:.1%} |")
+    print(f"| median | {median['seed_s']:.2f} | {median['ours_s']:.2f} ({median['model_s']:.2f} + "
+          f"{median['postprocess_s']:.2f}) | **{median['ratio']:.2f}×** | |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "input": [h, w], "threshold": threshold, "torch": torch.__version__,
+                       "rows": rows, "median": median}, f, indent=2)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="detr-r101")
@@ -138,6 +180,9 @@ def main(argv=None) -> None:
                     help="CUDA: override the Predictor's cudnn.benchmark setting")
     ap.add_argument("--serial-postprocess-row", action="store_true",
                     help="CUDA: add a row (first precision, largest batch) with the images of a batch postprocessed one after another")
+    ap.add_argument("--interleave", action="store_true",
+                    help="alternate the seed path and ours (batch 1, first precision) image by image, so that "
+                         "a busy machine slows both alike; reports the median of the per-image ratios")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     precisions = args.precisions.split(",")
@@ -165,6 +210,9 @@ def main(argv=None) -> None:
 
     seed_path(predictor, seed_model, warmup[0], threshold)                        # warm-up
     _sync(device)
+    if args.interleave:
+        interleaved(predictor, seed_model, warmup[0], images, threshold, args)
+        return
     seed_results, seed_t = [], []
     for im in images[:seed_n]:
         t = time.perf_counter()

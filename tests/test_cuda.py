@@ -136,3 +136,24 @@ def test_pruned_masks_on_cuda_equal_the_full_pass(weights_file, images):
     # different (TF32) kernels: equal up to their rounding, not bit for bit. Another query's mask
     # would differ everywhere.
     torch.testing.assert_close(kept["kept_masks"], expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_gpu_memory_gauges():
+    """The worker's Prometheus gauges follow the CUDA allocator (tests/test_metrics_logs.py covers
+    the rest of the metrics; this part needs a GPU)."""
+    from prometheus_client import REGISTRY
+
+    from worker import metrics
+
+    def sample(name):
+        return REGISTRY.get_sample_value(name, {"device": f"cuda:{torch.cuda.current_device()}"})
+
+    block = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    metrics.batch_done(2, torch.device("cuda"))          # no index: named after the current device
+    allocated, peak = sample("panoptic_gpu_memory_allocated_bytes"), sample("panoptic_gpu_memory_peak_bytes")
+    assert allocated >= 256 << 20 and peak >= allocated
+    assert sample("panoptic_gpu_memory_reserved_bytes") >= allocated
+    del block
+    metrics.batch_done(1, torch.device(f"cuda:{torch.cuda.current_device()}"))
+    assert sample("panoptic_gpu_memory_allocated_bytes") <= allocated - (256 << 20)
+    assert sample("panoptic_gpu_memory_peak_bytes") == peak

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import boto3
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.test_pipeline import MODEL_ARGS, cli, exe, services_env, stop_worker, wait_finished  # noqa: F401
@@ -255,26 +254,3 @@ def test_flower_lists_the_worker_and_its_tasks(services_env, s3_bucket, tmp_path
     assert len(mine) == 1, (mine, flower_log.read_text(errors="replace")[-2000:])       # one chunk of 2
     assert all(t["name"] == "panoptic_batch.process_chunk" and t["state"] == "SUCCESS" for t in mine), mine
     assert {t["worker"] for t in mine} == set(ours)
-
-
-@pytest.mark.cuda
-def test_gpu_memory_gauges():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from prometheus_client import REGISTRY
-
-    from worker import metrics
-
-    def sample(name):
-        return REGISTRY.get_sample_value(name, {"device": f"cuda:{torch.cuda.current_device()}"})
-
-    block = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    metrics.batch_done(2, torch.device("cuda"))          # no index: named after the current device
-    allocated, peak = sample("panoptic_gpu_memory_allocated_bytes"), sample("panoptic_gpu_memory_peak_bytes")
-    assert allocated >= 256 << 20 and peak >= allocated
-    assert sample("panoptic_gpu_memory_reserved_bytes") >= allocated
-    del block
-    metrics.batch_done(1, torch.device(f"cuda:{torch.cuda.current_device()}"))
-    assert sample("panoptic_gpu_memory_allocated_bytes") <= allocated - (256 << 20)
-    assert sample("panoptic_gpu_memory_peak_bytes") == peak
