@@ -82,7 +82,7 @@ def _overlay_for(job: JobStatus, image: ImageRecord) -> tuple[bytes | None, Imag
     """(JPEG bytes to copy as they are, or None; the overlay as an image; a note)."""
     from worker.overlay import overlay_uri, render_overlay, OVERLAY_MAX_SIDE
     from worker.output import decode_id_png
-    from worker.pipeline import output_stem
+    from worker.output import output_stem
     from worker.preprocess import decode_image
 
     if job.config.get("overlays"):

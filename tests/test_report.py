@@ -25,7 +25,7 @@ from PIL import Image
 from storage.jobs import JobStore
 from scheduler.report import build_report, class_rows
 from tests.test_pipeline import MODEL_ARGS, cli
-from worker.pipeline import output_stem
+from worker.output import output_stem
 
 TRICKY_KEY = 'tricky/<b onmouseover="alert(1)">&amp;\'.png'
 BLOCKED_KEY = "b/blocked.png"          # its overlay path is made a folder: the overlay cannot be written

@@ -29,7 +29,7 @@ from scheduler.submit import SubmitError, check_locations
 from storage import objects
 from storage.jobs import JobStore
 from tests.test_pipeline import MODEL_ARGS, REDIS_URL, cli, exe, start_worker, stop_worker, wait_finished
-from worker.pipeline import output_stem
+from worker.output import output_stem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

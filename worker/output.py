@@ -2,13 +2,15 @@
 
 PNG: 8-bit RGB, segment id = R + 256·G + 256²·B, 0 = VOID (panopticapi's id2rgb/rgb2id convention).
 JSON: {"file_name", "image", "height", "width", "segments_info", "model": {"name",
-"weights_sha256", "threshold"}}.
+"weights_sha256", "threshold"}}. Both are named after the image's key (`output_stem`).
 """
 
 from __future__ import annotations
 
 import io
+import unicodedata
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,9 @@ from PIL import Image
 
 MAX_ID = 256 ** 3 - 1
 SEGMENT_KEYS = ("id", "category_id", "category_name", "isthing", "area", "bbox", "score", "iscrowd")
+# Unicode's explicit bidirectional formatting characters: they make "x\u202egnp.jpg" display as
+# "xgpj.png" (filename spoofing).
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
@@ -85,3 +90,25 @@ def result_document(result: Mapping, file_name: str, image_uri: str, model_info:
             "threshold": None if threshold is None else float(threshold),
         },
     }
+
+
+def output_stem(key: str) -> str:
+    """The image's path relative to SOURCE with its extension removed; never escapes DEST.
+
+    Unicode is NFC-normalised; empty and "." components are dropped ("a//b.jpg" → "a/b"); keys
+    with a ".." component, control characters, bidirectional overrides or backslashes (a path
+    separator on Windows) are refused with a ValueError that says why.
+    """
+    text = unicodedata.normalize("NFC", key)
+    bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS})
+    if bad:
+        shown = ", ".join("backslash" if c == "\\" else f"U+{ord(c):04X}" for c in bad)
+        raise ValueError(f"unsafe image key {key!r}: it contains {shown} (control characters, bidirectional "
+                         f"overrides and backslashes are not allowed in output names)")
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"unsafe image key {key!r}: '..' would put its outputs outside DEST")
+    stem = PurePosixPath(*parts).with_suffix("") if parts else None
+    if stem is None or stem.name in ("", ".", ".."):      # "", "/", "..jpg", "...jpg"
+        raise ValueError(f"unusable image key {key!r}: no file name to name its outputs after")
+    return str(stem)

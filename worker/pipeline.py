@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from . import metrics
 from .batching import AspectBatcher
 from .logs import inherit_context
 from .model import WeightsError
-from .output import result_document
+from .output import output_stem, result_document
 from .overlay import write_overlay
 from .predictor import ModelConfig, Predictor
 from .preprocess import check_bytes, decode_image
@@ -55,28 +54,6 @@ def max_attempts() -> int:
     return int(os.environ.get("PANOPTIC_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS))
 
 
-def output_stem(key: str) -> str:
-    """The image's path relative to SOURCE with its extension removed; never escapes DEST.
-
-    Unicode is NFC-normalised; empty and "." components are dropped ("a//b.jpg" → "a/b"); keys
-    with a ".." component, control characters, bidirectional overrides or backslashes (a path
-    separator on Windows) are refused with a ValueError that says why.
-    """
-    text = unicodedata.normalize("NFC", key)
-    bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS})
-    if bad:
-        shown = ", ".join("backslash" if c == "\\" else f"U+{ord(c):04X}" for c in bad)
-        raise ValueError(f"unsafe image key {key!r}: it contains {shown} (control characters, bidirectional "
-                         f"overrides and backslashes are not allowed in output names)")
-    parts = [part for part in text.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise ValueError(f"unsafe image key {key!r}: '..' would put its outputs outside DEST")
-    stem = PurePosixPath(*parts).with_suffix("") if parts else None
-    if stem is None or stem.name in ("", ".", ".."):      # "", "/", "..jpg", "...jpg"
-        raise ValueError(f"unusable image key {key!r}: no file name to name its outputs after")
-    return str(stem)
-
-
 def _report_failure(image_id: int, key: str | None, error: str, recorded: bool) -> None:
     """One log line (key and error) and the failure counter, per failed image."""
     metrics.image_failed(recorded)
@@ -84,10 +61,6 @@ def _report_failure(image_id: int, key: str | None, error: str, recorded: bool) 
                 "" if recorded else " (not recorded: the claim had expired and another worker holds the image)",
                 extra={"image_id": image_id, "key": key, "error": error})
 
-
-# Unicode's explicit bidirectional formatting characters: they make "x\u202egnp.jpg" display as
-# "xgpj.png" (filename spoofing).
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 @dataclass
