@@ -24,9 +24,9 @@ DEFAULT_THRESHOLD = 0.85
 # match the CPU's); "tf32" lets matrix products and convolutions round inputs to TF32 on Ampere
 # and later (faster, ~1e-3 relative error); bf16/fp16 autocast the model.
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Batch size for batch_size="auto", per device type. CUDA: 16 reached 98% of batch 32's
-# images/s (fp32) or more (bf16) on an H200 with R101 at half the GPU memory (about 4 GiB);
-# CPU: batching gains little there and padding costs (BENCHMARKS.md).
+# Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
+# than 32 in fp32 and within 10-12% of it in tf32/bf16, at 3.3-5.6 GiB of GPU memory (32 in fp32:
+# 13.9 GiB); CPU: batching gains little there and padding costs (BENCHMARKS.md).
 AUTO_BATCH_SIZE = {"cuda": 16, "cpu": 1}
 # Threads that postprocess a batch's images concurrently on CUDA, each on its own stream: the
 # per-image work is many small kernels, a few host syncs and the PNG encoding, so one thread
