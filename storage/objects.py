@@ -316,6 +316,7 @@ def s3_client():
         if cached is not None and cached[0] == key:
             return cached[1]
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         config = Config(
@@ -325,11 +326,34 @@ def s3_client():
             read_timeout=60,
         )
         try:
-            client = boto3.session.Session().client("s3", config=config)
+            core = botocore.session.get_session()
+            # The parser is chosen when the client is made, so set it first (see _parse_timestamp).
+            core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
+            client = boto3.session.Session(botocore_session=core).client("s3", config=config)
         except Exception as e:  # e.g. a bad AWS_PROFILE or endpoint URL
             raise ObjectStoreError(f"cannot create the S3 client: {_scrub(str(e))}") from None
         _cached = (key, client)
         return client
+
+
+def _parse_timestamp(value):
+    """botocore's timestamp parser, with a fast path for ISO 8601 with a zone.
+
+    Every object in a ListObjectsV2 page carries a LastModified in ISO 8601, and botocore's
+    default (dateutil's general parser) took about half of a listing's time; the standard
+    library reads that form over 30 times faster. Anything else (RFC 822 headers, epoch numbers, no
+    zone) goes to botocore's parser, so the values are the same aware datetimes as before."""
+    from datetime import datetime
+
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    from botocore.utils import parse_timestamp
+    return parse_timestamp(value)
 
 
 def reset_client() -> None:

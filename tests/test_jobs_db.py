@@ -256,6 +256,32 @@ def test_add_images_streams_batches_and_ignores_duplicates(store):
     assert images[0].updated_at.tzinfo is not None
 
 
+def test_add_images_odd_keys_and_missing_values_round_trip(store):
+    # PostgreSQL binds a batch as arrays: quotes, commas, braces, backslashes, NULL-like text and
+    # non-ASCII must come back as given, None as NULL.
+    job_id = store.create_job("t", "/in", "/out", "detr-r50", "random", 0.85, 800, 1333, {})
+    odd = ['a"b.jpg', "c,d.jpg", "{e}.jpg", "f\\g.jpg", "NULL", "ünï çødé/日本.jpg", "sp ace.jpg", "x'y.jpg"]
+    rows = [(key, f"s3://in/{key}", None if i % 2 else f'"etag{i}"', None if i % 3 == 0 else 2**40 + i)
+            for i, key in enumerate(odd)]
+    ids = [i for batch in store.add_images(job_id, rows, batch_size=5) for i in batch]
+    assert len(ids) == len(odd) == store.job(job_id).total
+    got = {im.key: (im.uri, im.etag, im.size) for im in store.images(job_id)}
+    assert got == {key: (uri, etag, size) for key, uri, etag, size in rows}
+
+
+def test_previous_successes_over_many_keys(store):
+    # More keys than one IN list holds (SQLite) and one array parameter (PostgreSQL) give the same.
+    job_id, ids = new_job(store, 1200)
+    for image_id in ids[::10]:
+        process(store, image_id)
+    fingerprint = "f"
+    store.update_config(job_id, fingerprint=fingerprint)
+    keys = [f"img{i:04d}.jpg" for i in range(1300)]
+    done = store.previous_successes("s3://in/photos", "s3://out/seg", fingerprint, keys)
+    assert done == {f"img{i:04d}.jpg": f"etag{i}" for i in range(0, 1200, 10)}
+    assert store.previous_successes("s3://in/photos", "s3://out/seg", "other", keys) == {}
+
+
 def test_claim_lease_expiry_and_fencing(store):
     job_id, (image_id, other_id) = new_job(store, 2)
     assert store.job(job_id).state == "pending"

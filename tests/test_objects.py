@@ -231,6 +231,30 @@ def test_s3_client_cached_per_process_and_env(s3_server, monkeypatch):
     assert objects.s3_client() is not c2
 
 
+@pytest.mark.parametrize("value", [
+    "2026-11-26T04:03:36.123Z", "2026-11-26T04:03:36Z", "2026-11-26T04:03:36+02:00",
+    "Wed, 26 Nov 2026 04:03:36 GMT", 1700000000, "1700000000", "2026-11-26T04:03:36", "20261126",
+])
+def test_timestamp_parser_agrees_with_botocore(value):
+    from botocore.utils import parse_timestamp
+
+    ours, theirs = objects._parse_timestamp(value), parse_timestamp(value)
+    assert ours == theirs and ours.utcoffset() == theirs.utcoffset()
+
+
+def test_s3_client_timestamps_are_aware_datetimes(s3_bucket):
+    from datetime import datetime, timedelta, timezone
+
+    write_bytes(f"s3://{s3_bucket}/t/x.jpg", b"x")
+    client = objects.s3_client()
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="t/")["Contents"][0]["LastModified"]  # ISO 8601
+    head = client.head_object(Bucket=s3_bucket, Key="t/x.jpg")["LastModified"]                     # RFC 822 header
+    for value in (listed, head):
+        assert isinstance(value, datetime) and value.tzinfo is not None
+        assert abs(value - datetime.now(timezone.utc)) < timedelta(minutes=10)
+    assert abs(listed - head) < timedelta(seconds=2)
+
+
 def _child_reads(uri, queue):
     inherited = objects._cached  # dropped by the at-fork hook
     try:
