@@ -62,7 +62,6 @@ def _report_failure(image_id: int, key: str | None, error: str, recorded: bool) 
                 extra={"image_id": image_id, "key": key, "error": error})
 
 
-
 @dataclass
 class ImageOutcome:
     image_id: int
