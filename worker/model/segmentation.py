@@ -84,7 +84,7 @@ class MaskHead(nn.Module):
         """features [B,d,h,w] and `laterals(fpns)` (per image) are shared by the N (image, query)
         pairs whose image is `image_index` [N]. The definition: every pair from the concatenation."""
         x = self.lay1(torch.cat([features[image_index], attention], 1))
-        return self._refine(x, [lateral[image_index] for lateral in laterals])
+        return self._refine(x, laterals, lambda per_image: per_image[image_index])
 
     def shared_context(self, features: torch.Tensor) -> torch.Tensor:
         """lay1's share of the features, with its bias: [B,d,h,w] → [B,dim,h,w], once per image.
@@ -103,14 +103,15 @@ class MaskHead(nn.Module):
 
         heads = attention.shape[1]
         x = pick(context) + F.conv2d(attention, self.lay1.weight[:, -heads:], padding=1)
-        return self._refine(x, [pick(lateral) for lateral in laterals])
+        return self._refine(x, laterals, pick)
 
-    def _refine(self, x, laterals):
-        """lay1's output [N,dim,h,w] and the pairs' laterals → mask logits [N,1,H/4,W/4]."""
+    def _refine(self, x, laterals, pick):
+        """lay1's output [N,dim,h,w] → mask logits [N,1,H/4,W/4]; `pick` turns a per-image lateral
+        into the pairs' own, one stage at a time (so that only one is held at once)."""
         x = F.relu(self.gn1(x))
         x = F.relu(self.gn2(self.lay2(x)))
         for lateral, conv, norm in zip(laterals, (self.lay3, self.lay4, self.lay5), (self.gn3, self.gn4, self.gn5)):
-            x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
+            x = pick(lateral) + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
             x = F.relu(norm(conv(x)))
         return self.out_lay(x)
 
