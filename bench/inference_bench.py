@@ -31,7 +31,9 @@ on the same images so that about ``--kept`` queries per image pass it (a COCO im
 at the default 0.85 with the published checkpoint); the kept counts are printed. Each
 configuration's id maps are compared pixel for pixel with the seed path's on the images both ran.
 Images: synthetic 640×480 JPEGs (smooth gradients, bench.pipeline_bench.gradient_jpeg). One
-warm-up batch per configuration, not timed (on CUDA it also lets cudnn.benchmark choose kernels).
+warm-up batch per configuration, not timed; on CUDA then one untimed pass over the timed batches
+(the steady state of a long job, which meets its shapes again and again; the pass's time, cuDNN's
+tuning of new shapes included when cudnn.benchmark is on, is reported as "first pass s").
 
 Memory per configuration: peak GPU memory allocated by PyTorch (``max_memory_allocated``, reset
 before each configuration) and the process's peak RSS during it (VmHWM after a reset to RSS).
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -56,6 +59,7 @@ from bench.memory import proc_status, reset_peak_rss
 from bench.pipeline_bench import gradient_jpeg
 from bench.postprocess_bench import plain_postprocess
 from worker.batching import AspectBatcher
+from worker.heap import keep_freed_memory
 from worker.model import create_model
 from worker.predictor import ModelConfig, Predictor, resolve_device
 from worker.preprocess import decode_image, image_tensor, pad_batch, processed_size
@@ -100,6 +104,43 @@ def seed_path(predictor: Predictor, seed_model, im, threshold: float) -> dict:
         return plain_postprocess(outputs, [size], [(im.height, im.width)], threshold)[0]
 
 
+class SeedProcess:
+    """The seed path in a fresh process of its own (spawned): glibc's default heap settings, as
+    the seed's worker ran, whatever this process's (``--keep-heap``)."""
+
+    def __init__(self, model: str, weights: str, config: ModelConfig, device: torch.device):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_seed_server, args=(child, model, weights, config.as_dict(), str(device)),
+                                        daemon=True)
+        self._process.start()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("the seed process did not start")
+
+    def run(self, im, threshold: float) -> tuple[float, dict]:
+        """Seconds for the seed path on `im` (timed in the seed process), and its result."""
+        self._conn.send((im, threshold))
+        return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(timeout=60)
+
+
+def _seed_server(conn, model: str, weights: str, config: dict, device: str) -> None:
+    torch.set_grad_enabled(False)
+    here = SimpleNamespace(config=ModelConfig(**config), device=torch.device(device))
+    seed_model = create_model(model, weights=weights).to(here.device)
+    conn.send("ready")
+    while (request := conn.recv()) is not None:
+        im, threshold = request
+        _sync(here.device)
+        start = time.perf_counter()
+        result = seed_path(here, seed_model, im, threshold)
+        _sync(here.device)
+        conn.send((time.perf_counter() - start, result))
+
+
 def batches_in_order(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
@@ -124,19 +165,26 @@ def run_ours(predictor: Predictor, images, batches: list[list[int]]) -> tuple[fl
     return time.perf_counter() - start, results
 
 
-def interleaved(predictor: Predictor, seed_model, warm_image, images, threshold: float, args) -> None:
-    """Seed path and ours one after the other on each image (ours at batch 1, the first precision)."""
+def interleaved(predictor: Predictor, seed_model, warm_image, images, threshold: float, args,
+                seed_process: SeedProcess | None = None) -> None:
+    """Seed path and ours one after the other on each image (ours at batch 1, the first precision);
+    the seed path in `seed_process` if given, else in this process."""
     device = predictor.device
     predictor.config = ModelConfig(**{**predictor.config.as_dict(), "precision": args.precisions.split(",")[0],
                                       "batch_size": 1})
     run_ours(predictor, [warm_image], [[0]])                                       # warm-up
+    if seed_process is not None:
+        seed_process.run(warm_image, threshold)                                    # warm-up
     rows = []
     for i, im in enumerate(images):
-        _sync(device)
-        t = time.perf_counter()
-        seed = seed_path(predictor, seed_model, im, threshold)
-        _sync(device)
-        seed_s = time.perf_counter() - t
+        if seed_process is not None:
+            seed_s, seed = seed_process.run(im, threshold)
+        else:
+            _sync(device)
+            t = time.perf_counter()
+            seed = seed_path(predictor, seed_model, im, threshold)
+            _sync(device)
+            seed_s = time.perf_counter() - t
         ours_s, (ours,) = run_ours(predictor, [im], [[0]])
         rows.append({"image": i, "seed_s": seed_s, "ours_s": ours_s, "ratio": seed_s / ours_s,
                      "model_s": ours["model_ms"] / 1e3, "postprocess_s": ours["postprocess_ms"] / 1e3,
@@ -147,7 +195,9 @@ def interleaved(predictor: Predictor, seed_model, warm_image, images, threshold:
     h, w = processed_size(images[0].width, images[0].height, args.min_size, args.max_size)
     print(f"\n{args.model}, input {h}x{w}, threshold {threshold:.3f}, {device}, {torch.get_num_threads()} threads, "
           f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seed and ours alternated image by image")
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; seed and ours alternated image by image; "
+          f"seed path {'in a process of its own (glibc defaults)' if seed_process else 'in this process'}; "
+          f"this process {'keeps freed memory (worker.heap)' if args.keep_heap else 'has glibc defaults'}")
     print("| image | seed s | ours s (model + postprocess) | speed-up | id maps = seed |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -183,8 +233,17 @@ def main(argv=None) -> None:
     ap.add_argument("--interleave", action="store_true",
                     help="alternate the seed path and ours (batch 1, first precision) image by image, so that "
                          "a busy machine slows both alike; reports the median of the per-image ratios")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="this process keeps freed memory in its heap, as the worker's processes do (worker.heap)")
+    ap.add_argument("--seed-process", action="store_true",
+                    help="with --interleave: the seed path in a fresh process of its own (glibc's default heap "
+                         "settings, as the seed ran); with --keep-heap, each path as it runs in its own worker")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
+    if args.keep_heap and not keep_freed_memory():
+        ap.error("--keep-heap: not made (PANOPTIC_KEEP_HEAP=0, or not glibc)")
     precisions = args.precisions.split(",")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     seed_n = args.seed_images or args.images
@@ -202,8 +261,8 @@ def main(argv=None) -> None:
                            max_size=args.max_size, device=str(device), batch_size=1)
         predictor = Predictor(base)
         seed_model = create_model(args.model, weights=str(weights)).to(device)
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
+        seed_process = (SeedProcess(args.model, str(weights), base, device)
+                        if args.interleave and args.seed_process else None)
     threshold, kept_queries = choose_threshold(predictor, images[:min(len(images), 8)], args.kept)
     base = ModelConfig(**{**base.as_dict(), "threshold": threshold})
     predictor.config = base
@@ -211,7 +270,11 @@ def main(argv=None) -> None:
     seed_path(predictor, seed_model, warmup[0], threshold)                        # warm-up
     _sync(device)
     if args.interleave:
-        interleaved(predictor, seed_model, warmup[0], images, threshold, args)
+        try:
+            interleaved(predictor, seed_model, warmup[0], images, threshold, args, seed_process)
+        finally:
+            if seed_process is not None:
+                seed_process.close()
         return
     seed_results, seed_t = [], []
     for im in images[:seed_n]:
@@ -233,6 +296,9 @@ def main(argv=None) -> None:
         run_ours(predictor, warmup[:batch_size], [list(range(batch_size))])   # warm-up
         batches = (batches_by_aspect(images, batch_size, args.min_size, args.max_size) if args.group_by_aspect
                    else batches_in_order(len(images), batch_size))
+        # On CUDA one untimed pass over the timed batches first: a long job meets each of its
+        # shapes again and again, so the figure is the steady state; the pass's time is reported.
+        first_pass_s = run_ours(predictor, images, batches)[0] if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rss_reset = reset_peak_rss()
@@ -240,6 +306,7 @@ def main(argv=None) -> None:
         agree = [float(np.mean(a["id_map"] == b["id_map"])) for a, b in zip(seed_results, results)]
         row = {
             "precision": precision, "batch_size": batch_size,
+            "first_pass_s": first_pass_s,
             "postprocess": postprocess if device.type == "cuda" else "serial",
             "ms_per_image": seconds * 1e3 / len(images), "images_per_s": len(images) / seconds,
             "speedup_vs_seed": seed_s * len(images) / seconds,
@@ -268,15 +335,16 @@ def main(argv=None) -> None:
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"seed path (batch 1, fp32, all 100 queries, plain CPU postprocessing): {seed_s * 1e3:.1f} ms/image, "
           f"{1 / seed_s:.2f} images/s (median of {seed_n})")
-    print("| precision | batch | postprocess | images/s | ms/image | × seed | model ms | postprocess ms | "
-          "id maps = seed (worst image) | GPU peak MiB | host peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| precision | batch | postprocess | images/s | ms/image | × seed | model ms | "
+          "postprocess ms | id maps = seed (worst image) | GPU peak MiB | host peak RSS MiB | first pass s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gpu = f"{r['gpu_peak_allocated_mib']:.0f}" if r["gpu_peak_allocated_mib"] is not None else "–"
         rss = f"{r['host_peak_rss_mib']:.0f}" if r["host_peak_rss_mib"] is not None else "–"
+        first = f"{r['first_pass_s']:.2f}" if r["first_pass_s"] is not None else "–"
         print(f"| {r['precision']} | {r['batch_size']} | {r['postprocess']} | {r['images_per_s']:.2f} | {r['ms_per_image']:.1f} | "
               f"**{r['speedup_vs_seed']:.2f}×** | {r['model_ms']:.1f} | {r['postprocess_ms']:.1f} | "
-              f"{r['id_map_agreement_min']:.4%} | {gpu} | {rss} |")
+              f"{r['id_map_agreement_min']:.4%} | {gpu} | {rss} | {first} |")
     print(f"queries kept per image (threshold pass): {kept_queries}")
     if args.json:
         with open(args.json, "w") as f:

@@ -7,7 +7,8 @@ Same images, weights and settings on both sides:
 
 - model only: ``Predictor.predict_batch`` (the worker's own code: preprocess → pruned DETR →
   postprocess, PNG encoding included) on the images already downloaded and decoded, in this
-  process, batches of ``--batch-size``; measured before and after the end-to-end run.
+  process (with freed memory kept in the heap, as in the worker's pool process: worker.heap),
+  batches of ``--batch-size``; measured before and after the end-to-end run.
 - end to end: ``scheduler.submit.submit`` with the real ``Dispatcher`` (Redis 127.0.0.1:6379, a
   queue of its own) → one ``panoptic-batch worker --device cpu`` process (Celery, prefork,
   concurrency 1) → downloads from a private SeaweedFS S3 server, PNG + JSON uploads to it, claims
@@ -117,6 +118,7 @@ def main(argv=None) -> None:
         from scheduler.submit import JobSpec, submit
         from storage.jobs import JobStore
         from storage import objects
+        from worker.heap import keep_freed_memory
         from worker.predictor import ModelConfig, Predictor
         from worker.preprocess import decode_image
 
@@ -138,6 +140,7 @@ def main(argv=None) -> None:
                                  batch_size=args.batch_size)
             decoded = [decode_image(objects.read_bytes(f"s3://{bucket}/in/img{i:03d}.jpg"))
                        for i in range(args.images)]
+            keep_freed_memory()          # the worker's pool process does the same (worker.heap)
             predictor = Predictor(config)
             model_before = model_only(predictor, decoded, args.batch_size)
             print(f"model only (before): {model_before:.3f} images/s", flush=True)

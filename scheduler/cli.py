@@ -88,7 +88,10 @@ def predict(images, out_dir, **options):
     from worker.predictor import Predictor
     from worker.preprocess import ImageDecodeError, decode_image
 
+    from worker.heap import keep_freed_memory
+
     config = model_config(options)
+    keep_freed_memory()
     try:
         predictor = Predictor(config)
     except (WeightsError, ValueError) as exc:
@@ -191,6 +194,7 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     """Submit and process SOURCE in this process: no broker, no servers (SQLite by default).
 
     Exits 0 when every image succeeded, 1 when some failed (and lists them)."""
+    from worker.heap import keep_freed_memory
     from worker.pipeline import ChunkProcessor
 
     from .submit import SubmitError, submit as submit_job
@@ -202,6 +206,7 @@ def run(source, dest, chunk_size, includes, name, force, **options):
         job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force)
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from exc
+    keep_freed_memory()
     processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
     from .progress import JobProgress, stdout_console
     try:

@@ -13,6 +13,8 @@ import os
 from celery import Celery
 from celery.signals import worker_process_init
 
+from .heap import keep_freed_memory
+
 BROKER_ENV = "PANOPTIC_BROKER_URL"
 DEFAULT_BROKER_URL = "redis://localhost:6379/0"
 TASK_NAME = "panoptic_batch.process_chunk"
@@ -64,10 +66,12 @@ _processor = None
 
 
 @worker_process_init.connect
-def _forget_parent_state(**_):
-    """A forked pool process must load its own model (never one from a parent before a fork)."""
+def _start_pool_process(**_):
+    """A forked pool process loads its own model (never one from a parent before a fork), with
+    freed memory kept in its heap (worker.heap)."""
     global _processor
     _processor = None
+    keep_freed_memory()
 
 
 def processor():
