@@ -51,6 +51,17 @@ def test_png_rejects_out_of_range_ids():
         encode_id_png(np.array([[256 ** 3]], np.int64))
     with pytest.raises(ValueError):
         encode_id_png(np.array([[-1]], np.int32))
+    with pytest.raises(ValueError):
+        encode_id_png(np.zeros((0, 4), np.int32))
+
+
+def test_png_of_flat_segments_is_small():
+    # Four segments in quadrants of a 480×640 map: 900 KiB of pixels, a few KiB of PNG.
+    id_map = np.zeros((480, 640), np.int32)
+    id_map[:240, 320:], id_map[240:, :320], id_map[240:, 320:] = 1 + 256 * 7, 65_536 * 3, 255
+    png = encode_id_png(id_map)
+    assert len(png) < 8 * 1024
+    assert np.array_equal(decode_id_png(png), id_map)
 
 
 def test_postprocessed_png_reads_back_with_panopticapi():
