@@ -1,11 +1,12 @@
 """Keep freed memory in the process's heap, so that the next image's tensors reuse its pages.
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh mapping and
-unmaps it on free. On the CPU a DETR-R101 pass at 800×1066 allocates gigabytes in such blocks (one
-backbone activation alone is ~55 MB), and the kernel zeroes and maps each fresh page on first touch:
-about 0.4–2 million page faults per image. With mappings off and the heap never trimmed, freed
-blocks are reused: the CPU worker ran 5–14% faster per image (BENCHMARKS.md), holding about 15% more
-resident memory (the heap stays at its peak, as PyTorch's CUDA allocator keeps GPU memory).
+unmaps it on free. On the CPU a DETR-R101 pass at 800×1066 allocates hundreds of MB in such
+blocks (one backbone activation alone is ~55 MB), and the kernel zeroes and maps each fresh page
+on first touch: about 0.1 million page faults per image on the worker's pruned path. With mappings off and
+the heap never trimmed, freed blocks are reused: the CPU worker ran 5–14% faster per image
+(BENCHMARKS.md), holding about 15% more resident memory (the heap stays at its peak, as PyTorch's
+CUDA allocator keeps GPU memory).
 
 A process setting, made where a worker process starts (`run`, `predict`, each Celery pool process),
 not by the Predictor, which may live in someone else's process. PANOPTIC_KEEP_HEAP=0 turns it off.
