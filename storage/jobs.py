@@ -138,6 +138,18 @@ def _json_ready(record) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ImageSuccess:
+    """A processed image's result, as `JobStore.record_successes` records it."""
+    image_id: int
+    output_png: str
+    output_json: str
+    height: int
+    width: int
+    segments_info: Sequence[dict[str, Any]]
+    timings: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     id: int
     job_id: str
@@ -597,30 +609,42 @@ class JobStore:
 
         Also None when the job is cancelled. Moves a pending job to running on its first claim.
         """
+        claimed = self.claim_many([image_id], token, lease_seconds)
+        return claimed[0] if claimed else None
+
+    def claim_many(self, image_ids: Iterable[int], token: str, lease_seconds: float) -> list[ClaimedImage]:
+        """`claim` for several images in one transaction (a worker claims its chunk at once):
+        the images taken, in the order given; the others are done, held by someone else, or
+        their job is cancelled."""
         _check_token(token)
+        order = {int(image_id): i for i, image_id in enumerate(image_ids)}
+        if not order:
+            return []
         now = utcnow()
         expires = now + timedelta(seconds=lease_seconds)
 
-        def tx(conn: Connection) -> ClaimedImage | None:
+        def tx(conn: Connection) -> list[ClaimedImage]:
             job_live = (select(jobs_t.c.id)
                         .where(jobs_t.c.id == images_t.c.job_id, jobs_t.c.state != "cancelled")
                         .exists())
             claimable = (images_t.c.state == "pending") | (
                 (images_t.c.state == "running") & (images_t.c.lease_expires_at < now))
-            row = conn.execute(
-                update(images_t)
-                .where(images_t.c.id == image_id, claimable, job_live)
-                .values(state="running", lease_token=token, lease_expires_at=expires,
-                        attempts=images_t.c.attempts + 1, updated_at=now)
-                .returning(images_t.c.id, images_t.c.job_id, images_t.c.key, images_t.c.uri,
-                           images_t.c.etag, images_t.c.attempts, images_t.c.size)
-            ).first()
-            if row is None:
-                return None
-            conn.execute(update(jobs_t).where(jobs_t.c.id == row.job_id, jobs_t.c.state == "pending")
-                         .values(state="running", started_at=now))
-            return ClaimedImage(id=row.id, job_id=row.job_id, key=row.key, uri=row.uri, etag=row.etag,
-                                attempts=row.attempts, size=row.size)
+            rows = []
+            for group in _chunks(sorted(order), _IN_CHUNK):
+                rows += conn.execute(
+                    update(images_t)
+                    .where(images_t.c.id.in_(group), claimable, job_live)
+                    .values(state="running", lease_token=token, lease_expires_at=expires,
+                            attempts=images_t.c.attempts + 1, updated_at=now)
+                    .returning(images_t.c.id, images_t.c.job_id, images_t.c.key, images_t.c.uri,
+                               images_t.c.etag, images_t.c.attempts, images_t.c.size)
+                ).all()
+            for job_id in sorted({row.job_id for row in rows}):
+                conn.execute(update(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.state == "pending")
+                             .values(state="running", started_at=now))
+            return [ClaimedImage(id=row.id, job_id=row.job_id, key=row.key, uri=row.uri, etag=row.etag,
+                                 attempts=row.attempts, size=row.size)
+                    for row in sorted(rows, key=lambda row: order[row.id])]
 
         return self._write(tx)
 
@@ -667,35 +691,52 @@ class JobStore:
         and finishing the job when nothing is left. ``timings`` keys: decode_ms, model_ms,
         postprocess_ms, upload_ms (or without ``_ms``), in milliseconds.
         """
+        (recorded,) = self.record_successes(token, [ImageSuccess(
+            image_id, output_png=output_png, output_json=output_json, height=height, width=width,
+            segments_info=list(segments_info), timings=timings)])
+        return recorded
+
+    def record_successes(self, token: str, successes: Sequence[ImageSuccess]) -> list[bool]:
+        """`record_success` for several images held by ``token``, in one transaction (a worker
+        records a batch at once: one commit instead of one per image). Returns, per image,
+        whether it was recorded (False: the claim had expired and the image is another's)."""
         _check_token(token)
-        per_class: dict[int, list[int]] = {}
-        n_segments = 0
-        for segment in segments_info:
-            n_segments += 1
-            counts = per_class.setdefault(int(segment["category_id"]), [0, 0])
-            counts[0] += 1
-            counts[1] += int(segment["area"])
         now = utcnow()
-        values = dict(state="succeeded", output_png=output_png, output_json=output_json,
-                      height=int(height), width=int(width), segments=n_segments, error=None,
-                      updated_at=now, **_timings(timings))
+        rows = []
+        for success in successes:
+            per_class: dict[int, list[int]] = {}
+            for segment in success.segments_info:
+                counts = per_class.setdefault(int(segment["category_id"]), [0, 0])
+                counts[0] += 1
+                counts[1] += int(segment["area"])
+            values = dict(state="succeeded", output_png=success.output_png, output_json=success.output_json,
+                          height=int(success.height), width=int(success.width),
+                          segments=len(success.segments_info), error=None, updated_at=now,
+                          **_timings(success.timings))
+            rows.append((success.image_id, values, per_class))
 
-        def tx(conn: Connection) -> bool:
-            job_id = self._fenced_finish(conn, image_id, token, values)
-            if job_id is None:
-                return False
-            conn.execute(delete(classes_t).where(classes_t.c.image_id == image_id))
-            if per_class:
-                conn.execute(insert(classes_t), [
-                    dict(image_id=image_id, job_id=job_id, category_id=category, segments=n, pixels=px)
-                    for category, (n, px) in sorted(per_class.items())
-                ])
-            conn.execute(update(jobs_t).where(jobs_t.c.id == job_id)
-                         .values(succeeded=jobs_t.c.succeeded + 1))
-            self._maybe_finish(conn, job_id, now)
-            return True
+        def tx(conn: Connection) -> list[bool]:
+            recorded, per_job, classes = [], {}, []
+            for image_id, values, per_class in rows:
+                job_id = self._fenced_finish(conn, image_id, token, values)
+                recorded.append(job_id is not None)
+                if job_id is None:
+                    continue
+                per_job.setdefault(job_id, []).append(image_id)
+                classes += [dict(image_id=image_id, job_id=job_id, category_id=category, segments=n, pixels=px)
+                            for category, (n, px) in sorted(per_class.items())]
+            done = [image_id for ids in per_job.values() for image_id in ids]
+            if done:
+                conn.execute(delete(classes_t).where(classes_t.c.image_id.in_(done)))
+            if classes:
+                conn.execute(insert(classes_t), classes)
+            for job_id, ids in per_job.items():
+                conn.execute(update(jobs_t).where(jobs_t.c.id == job_id)
+                             .values(succeeded=jobs_t.c.succeeded + len(ids)))
+                self._maybe_finish(conn, job_id, now)
+            return recorded
 
-        return self._write(tx)
+        return self._write(tx) if rows else []
 
     def record_failure(self, image_id: int, token: str, error: str) -> bool:
         """Record that the image failed, if ``token`` still holds its lease; False (no change) if not."""

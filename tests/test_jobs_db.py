@@ -19,10 +19,10 @@ from datetime import timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from storage import db as storage_db
-from storage.jobs import AmbiguousJobId, JobNotFound, JobStateError, JobStore
+from storage.jobs import AmbiguousJobId, ImageSuccess, JobNotFound, JobStateError, JobStore
 from storage.schema import Base
 
 
@@ -378,6 +378,59 @@ def test_class_stats_are_replaced_not_added(store):
     assert store.class_stats(job_id) == expected_stats(seg)
     status = store.job(job_id)
     assert (status.state, status.succeeded, status.failed) == ("succeeded", 4, 0)
+
+
+def test_a_chunk_is_claimed_in_one_transaction(store):
+    job_id, ids = new_job(store, 5)
+    process(store, ids[1])                                   # done already
+    assert store.claim(ids[2], "other", 60)                  # held by another worker
+    assert store.claim(ids[3], "lost", -1)                   # its worker's lease expired
+    commits = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    order = [ids[4], ids[3], ids[2], ids[1], ids[0]]
+    claimed = store.claim_many(order, "w1", 60)
+    assert len(commits) == 1
+    assert [c.id for c in claimed] == [ids[4], ids[3], ids[0]]            # in the order asked
+    assert [c.attempts for c in claimed] == [1, 2, 1]
+    assert {c.key for c in claimed} == {"img0004.jpg", "img0003.jpg", "img0000.jpg"}
+    assert store.claim_many(order, "w2", 60) == []                        # all taken or done
+    assert store.claim_many([], "w2", 60) == []
+    assert store.heartbeat("w1", [c.id for c in claimed], 60) == 3
+    job2, more = new_job(store, 2)
+    store.cancel(job2)
+    assert store.claim_many(more, "w3", 60) == []                         # cancelled job
+
+
+def test_a_batch_of_results_is_recorded_in_one_transaction_fenced_per_image(store):
+    job_id, ids = new_job(store, 5)
+    seg = {ids[0]: [{"category_id": 1, "area": 10}, {"category_id": 1, "area": 5}],
+           ids[1]: [{"category_id": 184, "area": 70}],
+           ids[2]: [],
+           ids[3]: [{"category_id": 7, "area": 3}]}
+    for image_id in ids[:3]:
+        assert store.claim(image_id, "w1", 60)
+    assert store.claim(ids[3], "w1", -1) and store.claim(ids[3], "w2", 60)   # w1's claim expired
+    assert success(store, ids[3], "w2", seg[ids[3]])
+
+    def result(image_id):
+        return ImageSuccess(image_id, output_png=f"s3://out/seg/{image_id}.png",
+                            output_json=f"s3://out/seg/{image_id}.json", height=480, width=640,
+                            segments_info=seg[image_id] + ([{"category_id": 9, "area": 1}] if image_id == ids[3] else []),
+                            timings={"model_ms": 20.0})
+
+    commits = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    recorded = store.record_successes("w1", [result(i) for i in ids[:4]])
+    assert recorded == [True, True, True, False]        # ids[3] is w2's: left as w2 recorded it
+    assert len(commits) == 1
+    status = store.job(job_id)
+    assert (status.state, status.succeeded, status.pending) == ("running", 4, 1)
+    assert store.class_stats(job_id) == expected_stats(seg)
+    assert {r.id: r.segments for r in store.images(job_id, state="succeeded")} == {
+        ids[0]: 2, ids[1]: 1, ids[2]: 0, ids[3]: 1}
+    assert store.record_successes("w1", []) == []
+    process(store, ids[4])
+    assert store.job(job_id).state == "succeeded"
 
 
 def test_counters_and_job_states(store):

@@ -262,3 +262,34 @@ def test_batches_group_images_by_aspect_ratio():
     rest = batcher.flush()
     assert [[i.name for i in b] for b in rest] == [["square", "portrait"], ["tall"]]
     assert batcher.held == 0
+
+
+def test_a_batch_of_results_is_recorded_in_one_transaction(tmp_path, monkeypatch):
+    # A GPU worker finishes ~100 images/s: one commit per image would make the database's commit
+    # rate the limit of a fleet. Images of one batch are recorded together.
+    from scheduler.submit import JobSpec, submit
+    from worker.pipeline import ChunkProcessor
+
+    source = tmp_path / "in"
+    source.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(source / f"img{i}.jpg")
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    spec = JobSpec(source=str(source), dest=str(tmp_path / "out"), model="detr-r50", weights="random",
+                   threshold=0.0, min_size=64, max_size=96, chunk_size=32, config={"batch_size": 4, "chunk_size": 32})
+    chunks = []
+    job_id = submit(store, spec, lambda job, ids: chunks.append((job, ids)))
+    transactions = []
+    record_successes = store.record_successes
+    monkeypatch.setattr(store, "record_successes",
+                        lambda token, successes: transactions.append(len(successes)) or record_successes(token, successes))
+    processor = ChunkProcessor(store, device="cpu")
+    outcomes = [o for job, ids in chunks for o in processor.process(job, ids)]
+    assert len(outcomes) == 5 and all(o.ok for o in outcomes)
+    status = store.job(job_id)
+    assert (status.state, status.succeeded) == ("succeeded", 5)
+    assert all(r.output_png and r.segments is not None for r in store.images(job_id))
+    # Two batches (4 + 1): at most one transaction each (one in all if the first batch's uploads
+    # were still under way when the second's began).
+    assert sum(transactions) == 5 and len(transactions) <= 2

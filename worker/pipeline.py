@@ -7,6 +7,7 @@ and a result is recorded only while the claim still holds (see storage.jobs).
 
 Downloads and decoding of a batch run in threads while the model works on the previous batch;
 PNG/JSON uploads and result records run in threads while the model works on the next one.
+SQL: a chunk's claims in one transaction, its results a batch per transaction (RECORD_BATCH).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import PurePosixPath
 from PIL import Image
 
 from storage import objects
-from storage.jobs import JobStore
+from storage.jobs import ImageSuccess, JobStore
 from storage.retry import retry_transient
 
 from . import metrics
@@ -44,6 +45,11 @@ DEFAULT_LEASE_SECONDS = 300
 # An image claimed this many times without a result (its worker lost each time) is failed.
 DEFAULT_MAX_ATTEMPTS = 3
 IO_THREADS = 8
+# Uploaded images are recorded in SQL together: one transaction for up to this many, or for all
+# uploaded so far once no other upload is under way (a GPU batch at a time; on a CPU worker each
+# image as it finishes). A commit per image, at ~100 images/s per GPU, would make the database's
+# commit rate the limit of a large fleet.
+RECORD_BATCH = 32
 
 
 def lease_seconds() -> float:
@@ -113,6 +119,35 @@ class _LeaseKeeper:
         self._thread.join()
 
 
+class _Recorder:
+    """Records a chunk's uploaded images in batches (RECORD_BATCH), then calls `after(extra,
+    recorded)` for each; `expect(n)` before n uploads start, `finished(entry)` as each ends
+    (entry: (ImageSuccess, extra), or None for an image that failed instead)."""
+
+    def __init__(self, store: JobStore, token: str, after):
+        self._store, self._token, self._after = store, token, after
+        self._lock = threading.Lock()
+        self._pending: list[tuple[ImageSuccess, object]] = []
+        self._in_flight = 0
+
+    def expect(self, n: int) -> None:
+        with self._lock:
+            self._in_flight += n
+
+    def finished(self, entry: tuple[ImageSuccess, object] | None) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if entry is not None:
+                self._pending.append(entry)
+            if not self._pending or (len(self._pending) < RECORD_BATCH and self._in_flight > 0):
+                return
+            batch, self._pending = self._pending, []
+        # Outside the lock: other uploads go on finishing while this batch is written.
+        recorded = self._store.record_successes(self._token, [success for success, _ in batch])
+        for (_, extra), ok in zip(batch, recorded):
+            self._after(extra, ok)
+
+
 @dataclass
 class ChunkProcessor:
     """Turns (job, image ids) into uploaded results; holds the model for the process's lifetime."""
@@ -156,17 +191,18 @@ class ChunkProcessor:
             return self._fail_all(image_ids, token, f"model could not be loaded: {exc}")
         self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
         leases = _LeaseKeeper(self.store, token)
+        recorder = _Recorder(self.store, token, lambda extra, recorded: self._recorded(job, leases, extra, recorded))
         outcomes: list[ImageOutcome] = []
         try:
             claimed = self._claim(image_ids, token, leases, outcomes)
             with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io", initializer=inherit_context()) as pool:
-                uploads = self._run_claimed(pool, job, predictor, claimed, token, leases, outcomes)
+                uploads = self._run_claimed(pool, job, predictor, claimed, token, leases, outcomes, recorder)
                 outcomes += [future.result() for future in uploads]
         finally:
             leases.close()
         return outcomes
 
-    def _run_claimed(self, pool, job, predictor, claimed, token, leases, outcomes) -> list[Future]:
+    def _run_claimed(self, pool, job, predictor, claimed, token, leases, outcomes, recorder) -> list[Future]:
         """Download, batch and run the claimed images; returns the pending uploads.
 
         Downloads run ahead of the model in a bounded window; batches form as images arrive,
@@ -194,7 +230,7 @@ class ChunkProcessor:
         def run(batch: list[_Decoded]) -> bool:
             if self.store.job(job.id).state == "cancelled":
                 return False
-            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes))
+            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder))
             done.update(d.image_id for d in batch)
             return True
 
@@ -237,10 +273,8 @@ class ChunkProcessor:
 
     def _claim(self, image_ids, token, leases, outcomes) -> list:
         claimed = []
-        for image_id in image_ids:
-            image = self.store.claim(image_id, token, lease_seconds())
-            if image is None:
-                continue                     # done already, or another worker holds it
+        # Images not taken are done already, or another worker holds them.
+        for image in self.store.claim_many(image_ids, token, lease_seconds()):
             if image.attempts > max_attempts():
                 # Every earlier attempt lost its worker (a crash, the OOM killer): stop here
                 # instead of taking down workers forever.
@@ -273,7 +307,7 @@ class ChunkProcessor:
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
 
-    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes) -> list[Future]:
+    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes, recorder) -> list[Future]:
         good = [d for d in decoded if d is not None and d.image is not None]
         for d in decoded:
             if d is not None and d.image is None:
@@ -292,36 +326,46 @@ class ChunkProcessor:
             log.warning("batch failed (%s); retrying its images one by one", exc)
             futures = []
             for d in good:
-                futures += self._run_batch(pool, job, predictor, [d], token, leases, outcomes)
+                futures += self._run_batch(pool, job, predictor, [d], token, leases, outcomes, recorder)
             return futures
         metrics.batch_done(len(good), predictor.device)
-        return [pool.submit(self._upload_and_record, job, predictor, d, r, token, leases)
+        recorder.expect(len(good))
+        return [pool.submit(self._upload, job, predictor, d, r, token, leases, recorder)
                 for d, r in zip(good, results)]
 
-    def _upload_and_record(self, job, predictor, d: _Decoded, result, token, leases) -> ImageOutcome:
-        start = time.perf_counter()
+    def _upload(self, job, predictor, d: _Decoded, result, token, leases, recorder: _Recorder) -> ImageOutcome:
+        """Upload the image's PNG and JSON; the recorder records it with others (`_recorded`)."""
+        entry = None
         try:
-            stem = output_stem(d.key)
-            png_uri = objects.join(job.dest, stem + ".png")
-            json_uri = objects.join(job.dest, stem + ".json")
-            document = result_document(result, PurePosixPath(stem).name + ".png", d.uri, predictor.model_info)
-            retry_transient(lambda: objects.write_bytes(png_uri, result["png"], content_type="image/png"),
-                            what=f"write {png_uri}")
-            body = json.dumps(document).encode()
-            retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
-                            what=f"write {json_uri}")
-        except Exception as exc:
-            return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
-        height, width = result["id_map"].shape
-        timings = {"decode_ms": d.decode_ms, "model_ms": result["model_ms"],
-                   "postprocess_ms": result["postprocess_ms"], "upload_ms": (time.perf_counter() - start) * 1e3}
-        recorded = self.store.record_success(
-            d.image_id, token, output_png=png_uri, output_json=json_uri, height=height, width=width,
-            segments_info=document["segments_info"], timings=timings)
+            start = time.perf_counter()
+            try:
+                stem = output_stem(d.key)
+                png_uri = objects.join(job.dest, stem + ".png")
+                json_uri = objects.join(job.dest, stem + ".json")
+                document = result_document(result, PurePosixPath(stem).name + ".png", d.uri, predictor.model_info)
+                retry_transient(lambda: objects.write_bytes(png_uri, result["png"], content_type="image/png"),
+                                what=f"write {png_uri}")
+                body = json.dumps(document).encode()
+                retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
+                                what=f"write {json_uri}")
+            except Exception as exc:
+                return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
+            height, width = result["id_map"].shape
+            timings = {"decode_ms": d.decode_ms, "model_ms": result["model_ms"],
+                       "postprocess_ms": result["postprocess_ms"],
+                       "upload_ms": (time.perf_counter() - start) * 1e3}
+            success = ImageSuccess(d.image_id, output_png=png_uri, output_json=json_uri, height=height,
+                                   width=width, segments_info=document["segments_info"], timings=timings)
+            entry = (success, (d, stem, result, timings))
+            return ImageOutcome(d.image_id, True)
+        finally:
+            recorder.finished(entry)          # may record a batch here, this one's included
+
+    def _recorded(self, job, leases: _LeaseKeeper, extra, recorded: bool) -> None:
+        d, stem, result, timings = extra
         metrics.image_succeeded(timings, recorded)
         leases.drop(d.image_id)
         # After the result is recorded: an overlay is an extra that never fails or delays the
         # image, and its rendering does not count as upload time.
         if job.config.get("overlays") and recorded:
             write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
-        return ImageOutcome(d.image_id, True)
