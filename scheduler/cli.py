@@ -83,12 +83,11 @@ def main():
 def predict(images, out_dir, **options):
     """Segment IMAGE... on this machine, no queue: writes OUT/<stem>.png and OUT/<stem>.json."""
     from storage.objects import ObjectStoreError, read_bytes
+    from worker.heap import keep_freed_memory
     from worker.model import WeightsError
     from worker.output import result_document
     from worker.predictor import Predictor
     from worker.preprocess import ImageDecodeError, decode_image
-
-    from worker.heap import keep_freed_memory
 
     config = model_config(options)
     keep_freed_memory()
