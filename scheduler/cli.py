@@ -221,11 +221,11 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     status = store.job(job_id)
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
                f"{status.failed} failed{skipped_note(status)}")
+    for image in store.images(job_id, state="failed") if status.failed else ():
+        click.echo(f"  failed: {image.key}: {image.error}", err=True)
+    click.echo(job_id)                  # the last line, as submit's, whatever the outcome
     if status.failed:
-        for image in store.images(job_id, state="failed"):
-            click.echo(f"  failed: {image.key}: {image.error}", err=True)
         sys.exit(1)
-    click.echo(job_id)
 
 
 @main.command()
@@ -281,19 +281,23 @@ def cancel(job_id):
 @main.command()
 @click.argument("job_id")
 def retry(job_id):
-    """Queue a job's failed images again (only those)."""
+    """Queue a job's failed images again (only those; images whose outputs would overwrite
+    another image's stay failed)."""
     from storage.jobs import JobStateError
 
     from .dispatch import Dispatcher, requeue
+    from .submit import OUTPUT_CONFLICT
 
     store = open_store()
     job = _find_job(store, job_id)
     try:
-        ids = store.reset_failed(job.id)
+        ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT)
     except JobStateError as exc:
         raise click.ClickException(str(exc)) from exc
     requeue(store, Dispatcher(), job.id, ids)
-    click.echo(f"job {job.id}: {len(ids)} failed images queued again")
+    left = store.job(job.id).failed
+    click.echo(f"job {job.id}: {len(ids)} failed images queued again"
+               + (f"; {left} left failed: their outputs would overwrite another image's" if left else ""))
 
 
 @main.command()

@@ -21,6 +21,9 @@ from storage.jobs import JobStore
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 DEFAULT_CHUNK_SIZE = 32
 INSERT_BATCH = 1000
+# How the error of an image whose outputs would overwrite another's begins; `retry` leaves such
+# images failed (running one would replace the other image's results).
+OUTPUT_CONFLICT = "output conflict:"
 
 
 class SubmitError(ValueError):
@@ -101,6 +104,36 @@ def model_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def _output_conflicts(infos: Iterator[objects.ObjectInfo],
+                      on_conflict: Callable[[objects.ObjectInfo, str], None]) -> Iterator[objects.ObjectInfo]:
+    """Yields the images whose outputs no earlier image claims; gives each other one to
+    `on_conflict(info, earlier_key)`: "a.jpg" and "a.png" would both write DEST/a.png and a.json.
+
+    Keys that share a stem all start with "<stem>.", and every listing read here keeps the keys
+    with a common prefix together (lexicographic: AWS, local folders; SeaweedFS: folder by folder,
+    entries by name), so only the stems whose range the walk is inside are held: memory grows
+    with the nesting of names, not with the number of keys. Keys that name the same output only
+    after normalisation ("a//b.jpg" and "a/b.png") are not caught.
+    """
+    inside: list[tuple[str, str]] = []     # (stem, its first key), each stem extending the one before
+    for info in infos:
+        key = info.key
+        while inside and not key.startswith(inside[-1][0] + "."):
+            inside.pop()
+        stem = key[:key.rfind(".")]          # image keys always end in an extension
+        if inside and inside[-1][0] == stem:
+            on_conflict(info, inside[-1][1])
+        else:
+            inside.append((stem, key))
+            yield info
+
+
+def _conflict_error(info: objects.ObjectInfo, earlier_key: str) -> str:
+    stem = info.key[:info.key.rfind(".")]
+    return (f"{OUTPUT_CONFLICT} its outputs {stem}.png and {stem}.json in DEST would overwrite those of "
+            f"{earlier_key}, listed before it; rename one of the two and submit again (retry leaves this image failed)")
+
+
 def _unchanged_filter(store: JobStore, spec: JobSpec, fingerprint: str, infos: Iterator[objects.ObjectInfo],
                       skipped: list[int]) -> Iterator[objects.ObjectInfo]:
     """Drops the images whose ETag is unchanged since their last success with this fingerprint."""
@@ -131,6 +164,16 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
                               min_size=spec.min_size, max_size=spec.max_size,
                               config={**spec.config, "fingerprint": fingerprint, "force": force})
     found = listing if first is None else itertools.chain([first], listing)
+    conflicts: list[tuple] = []
+
+    def record_conflict(info: objects.ObjectInfo, earlier_key: str) -> None:
+        conflicts.append((info.key, info.uri, info.etag, info.size, _conflict_error(info, earlier_key)))
+        if len(conflicts) >= INSERT_BATCH:
+            store.add_failed_images(job_id, conflicts)
+            conflicts.clear()
+
+    # Before the unchanged filter: an unchanged image still claims its outputs.
+    found = _output_conflicts(found, record_conflict)
     skipped = [0]
     if not force:
         found = _unchanged_filter(store, spec, fingerprint, found, skipped)
@@ -138,6 +181,7 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
     for ids in store.add_images(job_id, entries, batch_size=INSERT_BATCH):
         for chunk in chunked(ids, spec.chunk_size):
             enqueue(job_id, chunk)
+    store.add_failed_images(job_id, conflicts)
     store.update_config(job_id, skipped=skipped[0])
     store.finalize_submission(job_id)
     return job_id

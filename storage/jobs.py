@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from sqlalchemy import Connection, Text, any_, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Connection, Text, any_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
@@ -271,6 +271,23 @@ def _pg_text_array(values: list[str]):
 
 
 @functools.cache
+def _clip_error(error) -> str:
+    text = str(error)
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "… (truncated)"
+
+
+def _insert_new_images(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
+    """INSERT image rows, skipping keys the job has already (ON CONFLICT DO NOTHING); new ids, sorted."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = (dialect_insert(images_t)
+            .on_conflict_do_nothing(index_elements=["job_id", "key"])
+            .returning(images_t.c.id))
+    return sorted(conn.scalars(stmt, rows).all())
+
+
 def _pg_insert_images():
     """PostgreSQL: ``INSERT INTO images … SELECT … FROM unnest(:keys, :uris, :etags, :sizes)
     ON CONFLICT (job_id, key) DO NOTHING RETURNING id``, the per-batch values bound as arrays."""
@@ -454,14 +471,33 @@ class JobStore:
                     job_id=job_id, state="pending", attempts=0, updated_at=now,
                     keys=columns["key"], uris=columns["uri"], etags=columns["etag"], sizes=columns["size"])).all())
             else:
-                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-                stmt = (sqlite_insert(images_t)
-                        .on_conflict_do_nothing(index_elements=["job_id", "key"])
-                        .returning(images_t.c.id))
-                ids = sorted(conn.scalars(stmt, list(rows.values())).all())
+                ids = _insert_new_images(conn, list(rows.values()))
             if ids:
                 conn.execute(update(jobs_t).where(jobs_t.c.id == job_id)
                              .values(total=jobs_t.c.total + len(ids)))
+            return ids
+
+        return self._write(tx)
+
+    def add_failed_images(self, job_id: str, entries: Iterable[tuple[str, str, str | None, int | None, str]]) -> list[int]:
+        """Record ``(key, uri, etag, size, error)`` images that fail before any work is done (their
+        outputs would overwrite another image's, say), in one transaction; they count in the
+        job's total and failed. Keys already in the job are skipped. Returns the new ids."""
+        job_id = self.resolve(job_id)
+        now = utcnow()
+        rows: dict[str, dict[str, Any]] = {}
+        for key, uri, etag, size, error in entries:
+            rows.setdefault(key, dict(job_id=job_id, key=key, uri=uri, etag=etag,
+                                      size=None if size is None else int(size), state="failed",
+                                      attempts=0, error=_clip_error(error), updated_at=now))
+        if not rows:
+            return []
+
+        def tx(conn: Connection) -> list[int]:
+            ids = _insert_new_images(conn, list(rows.values()))
+            if ids:
+                conn.execute(update(jobs_t).where(jobs_t.c.id == job_id).values(
+                    total=jobs_t.c.total + len(ids), failed=jobs_t.c.failed + len(ids)))
             return ids
 
         return self._write(tx)
@@ -505,20 +541,23 @@ class JobStore:
 
         return self._write(tx)
 
-    def reset_failed(self, job_id: str) -> list[int]:
+    def reset_failed(self, job_id: str, unless_error_starts: str | None = None) -> list[int]:
         """Failed images back to pending (attempts and error cleared); the job runs again.
 
-        Returns the ids to enqueue. Raises JobStateError for a cancelled job.
+        Images whose error starts with ``unless_error_starts`` stay failed (failures that running
+        again would not mend, or would make harmful). Returns the ids to enqueue. Raises
+        JobStateError for a cancelled job.
         """
-        return self.reset_images(job_id, states=("failed",))
+        return self.reset_images(job_id, states=("failed",), unless_error_starts=unless_error_starts)
 
     def reset_images(self, job_id: str, image_ids: Iterable[int] | None = None,
-                     states: Iterable[str] = ("failed",)) -> list[int]:
+                     states: Iterable[str] = ("failed",), unless_error_starts: str | None = None) -> list[int]:
         """Put finished images (``states`` among failed/succeeded) back to pending for reprocessing.
 
         Counters are decremented and a reset image's class rows are dropped in the same
         transaction; the job goes back to running. Running images cannot be reset (their lease
-        holder would still write). Returns the ids reset.
+        holder would still write), nor images whose error starts with ``unless_error_starts``.
+        Returns the ids reset.
         """
         states = tuple(states)
         if not states or set(states) - {"failed", "succeeded"}:
@@ -537,6 +576,9 @@ class JobStore:
                 where = [images_t.c.job_id == full_id, images_t.c.state.in_(states)]
                 if group is not None:
                     where.append(images_t.c.id.in_(group))
+                if unless_error_starts:
+                    where.append(or_(images_t.c.error.is_(None),
+                                     ~images_t.c.error.startswith(unless_error_starts, autoescape=True)))
                 # Old states first (RETURNING gives new values), under the rows' locks.
                 old = conn.execute(select(images_t.c.id, images_t.c.state).where(*where)
                                    .with_for_update()).all()
@@ -742,9 +784,7 @@ class JobStore:
         """Record that the image failed, if ``token`` still holds its lease; False (no change) if not."""
         _check_token(token)
         now = utcnow()
-        text = str(error)
-        if len(text) > _MAX_ERROR_CHARS:
-            text = text[:_MAX_ERROR_CHARS] + "… (truncated)"
+        text = _clip_error(error)
 
         def tx(conn: Connection) -> bool:
             job_id = self._fenced_finish(conn, image_id, token,

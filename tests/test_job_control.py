@@ -135,3 +135,80 @@ def test_reaper_requeues_images_of_a_lost_worker(tmp_path, pg_database_url, s3_s
     assert (status["state"], status["succeeded"]) == ("succeeded", 1)
     assert store.record_success(image.id, "a-worker-that-dies", output_png="x", output_json="y", height=1,
                                 width=1, segments_info=[]) is False    # the lost worker's token is void
+
+
+# Keys in the order SeaweedFS lists them (a folder "a.k" sorts before the file "a.k.jpg"); AWS and
+# a local folder list them sorted. Same stem, so the same DEST/<stem>.png: "a.JPG" / "a.jpg" /
+# "a.png" and "z/a.jpg" / "z/a.png". Different stems that merely share a beginning do not clash.
+CONFLICT_KEYS = ["a/x.jpg", "a-b.jpg", "a.JPG", "a.b.jpg", "a.jpg", "a.k/b.jpg", "a.k.jpg", "a.png",
+                 "a0.jpg", "z/a.jpg", "z/a.png"]
+CONFLICTS = {"a.jpg": "a.JPG", "a.png": "a.JPG", "z/a.png": "z/a.jpg"}     # the later key → the one it loses to
+
+
+def test_output_conflicts_are_found_in_every_listing_order():
+    from scheduler.submit import _output_conflicts
+    from storage.objects import ObjectInfo
+
+    for keys in (CONFLICT_KEYS, sorted(CONFLICT_KEYS)):
+        lost = {}
+        kept = [i.key for i in _output_conflicts(iter([ObjectInfo("x/" + k, k, 1, "e") for k in keys]),
+                                                 lambda info, earlier: lost.__setitem__(info.key, earlier))]
+        assert lost == CONFLICTS
+        assert kept == [k for k in keys if k not in CONFLICTS]
+
+
+def test_submit_fails_images_whose_outputs_another_image_claims(s3_server, s3_bucket, pg_database_url, tmp_path):
+    """Through a real listing: SeaweedFS with PostgreSQL, a local folder with SQLite."""
+    from scheduler.submit import OUTPUT_CONFLICT, JobSpec, submit
+
+    s3 = boto3.client("s3")
+    folder = tmp_path / "in"
+    for key in CONFLICT_KEYS:
+        s3.put_object(Bucket=s3_bucket, Key=f"src/{key}", Body=b"image")
+        (folder / key).parent.mkdir(parents=True, exist_ok=True)
+        (folder / key).write_bytes(b"image")
+    for source, store in ((f"s3://{s3_bucket}/src", JobStore(pg_database_url)),
+                          (str(folder), JobStore(f"sqlite:///{tmp_path / 'jobs.db'}"))):
+        spec = JobSpec(source=source, dest=str(tmp_path / "out"), model="detr-r50", weights="random",
+                       threshold=0.85, min_size=64, max_size=96)
+        queued = []
+        job_id = submit(store, spec, lambda job, ids: queued.extend(ids))
+        rows = {r.key: r for r in store.images(job_id)}
+        assert sorted(rows) == sorted(CONFLICT_KEYS), source
+        assert sorted(rows[k].key for k in rows if rows[k].id in queued) == sorted(set(CONFLICT_KEYS) - set(CONFLICTS))
+        for key, earlier in CONFLICTS.items():
+            assert rows[key].state == "failed" and rows[key].error.startswith(OUTPUT_CONFLICT), source
+            assert earlier in rows[key].error and f"{key.rsplit('.', 1)[0]}.png" in rows[key].error
+        status = store.job(job_id)
+        assert (status.total, status.failed, status.pending) == (len(CONFLICT_KEYS), len(CONFLICTS),
+                                                                 len(CONFLICT_KEYS) - len(CONFLICTS))
+
+
+def test_output_conflicts_overwrite_nothing_and_retry_leaves_them_failed(tmp_path):
+    source, dest = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    (source / "a.jpg").write_bytes(png_bytes(1))            # decoded by content: PNG bytes are fine
+    (source / "a.png").write_bytes(png_bytes(2))
+    (source / "b.png").write_bytes(png_bytes(3))
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+
+    def run():
+        result = run_json("run", str(source), "--dest", str(dest), *MODEL_ARGS, env=env, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr          # not every image succeeded
+        assert "a.png" in result.stderr
+        return status_of(result.stdout.strip().splitlines()[-1], env, tmp_path)
+
+    first = run()
+    assert (first["state"], first["total"], first["succeeded"], first["failed"]) == ("partial", 3, 2, 1)
+    assert json.loads((dest / "a.json").read_text())["image"].endswith("a.jpg")
+    written = (dest / "a.png").read_bytes()
+
+    result = run_json("retry", first["id"], env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "0 failed images queued again; 1 left failed" in result.stdout
+    assert status_of(first["id"], env, tmp_path)["failed"] == 1
+
+    second = run()                                           # nightly: a.jpg is unchanged, a.png still clashes
+    assert (second["total"], second["skipped"], second["failed"]) == (1, 2, 1)
+    assert (dest / "a.png").read_bytes() == written
+    assert json.loads((dest / "a.json").read_text())["image"].endswith("a.jpg")
