@@ -97,10 +97,13 @@ def weights_identity(weights: str, model: str) -> str:
 
 
 def model_fingerprint(spec: JobSpec) -> str:
-    """Identifies what a result depends on: variant, weights, threshold and sizes."""
+    """Identifies what a result depends on: variant, weights, threshold and sizes, and whether
+    overlays were written (an image done without them is not done for a job that wants them)."""
     identity = {"model": spec.model, "weights": weights_identity(spec.weights, spec.model),
                 "threshold": spec.threshold, "min_size": spec.min_size, "max_size": spec.max_size,
                 "max_pixels": spec.config.get("max_pixels")}
+    if spec.config.get("overlays"):     # only then: fingerprints of jobs without overlays stay as they were
+        identity["overlays"] = True
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

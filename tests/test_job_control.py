@@ -68,6 +68,11 @@ def test_nightly_resubmission_skips_unchanged_images(tmp_path):
     forced = run("--force")
     assert (forced["total"], forced["skipped"]) == (5, 0)
 
+    with_overlays = run("--overlays")                       # done, but not with overlays: again
+    assert (with_overlays["total"], with_overlays["skipped"]) == (5, 0)
+    assert sorted(p.name for p in dest.glob("*.overlay.jpg")) == [f"img{i}.overlay.jpg" for i in range(5)]
+    assert (run("--overlays")["total"], run()["total"]) == (0, 0)     # each finds its own earlier run
+
 
 def test_cancel_drops_queued_work_and_retry_requeues_failed_images(s3_server, s3_bucket, pg_database_url, tmp_path):
     env = dict(os.environ, PANOPTIC_DATABASE_URL=pg_database_url, PANOPTIC_BROKER_URL="redis://127.0.0.1:6379/0")
