@@ -260,15 +260,18 @@ def main(argv=None) -> None:
         base = ModelConfig(model=args.model, weights=str(weights), threshold=0.5, min_size=args.min_size,
                            max_size=args.max_size, device=str(device), batch_size=1)
         predictor = Predictor(base)
-        seed_model = create_model(args.model, weights=str(weights)).to(device)
         seed_process = (SeedProcess(args.model, str(weights), base, device)
                         if args.interleave and args.seed_process else None)
+        # Loaded here only when the seed path runs here: otherwise its weights and warm-up
+        # activations would sit in this process's heap beside ours for nothing.
+        seed_model = None if seed_process else create_model(args.model, weights=str(weights)).to(device)
     threshold, kept_queries = choose_threshold(predictor, images[:min(len(images), 8)], args.kept)
     base = ModelConfig(**{**base.as_dict(), "threshold": threshold})
     predictor.config = base
 
-    seed_path(predictor, seed_model, warmup[0], threshold)                        # warm-up
-    _sync(device)
+    if seed_model is not None:
+        seed_path(predictor, seed_model, warmup[0], threshold)                    # warm-up
+        _sync(device)
     if args.interleave:
         try:
             interleaved(predictor, seed_model, warmup[0], images, threshold, args, seed_process)

@@ -768,8 +768,8 @@ class JobStore:
                 classes += [dict(image_id=image_id, job_id=job_id, category_id=category, segments=n, pixels=px)
                             for category, (n, px) in sorted(per_class.items())]
             done = [image_id for ids in per_job.values() for image_id in ids]
-            if done:
-                conn.execute(delete(classes_t).where(classes_t.c.image_id.in_(done)))
+            for group in _chunks(done, _IN_CHUNK):
+                conn.execute(delete(classes_t).where(classes_t.c.image_id.in_(group)))
             if classes:
                 conn.execute(insert(classes_t), classes)
             for job_id, ids in per_job.items():
