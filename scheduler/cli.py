@@ -9,9 +9,8 @@ from pathlib import Path
 
 import click
 
-from worker.model import DEFAULT_VARIANT, VARIANTS
-from worker.predictor import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
-from worker.preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+from worker.config import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE,
+                           DEFAULT_THRESHOLD, DEFAULT_VARIANT, PRECISIONS, VARIANTS, ModelConfig)
 from worker.queue import broker_url
 from storage.objects import mask_url
 

@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 SUBCOMMANDS = ["predict", "submit", "worker", "run", "status", "stats", "cancel", "retry", "reap", "export",
@@ -35,6 +37,38 @@ def test_subcommand_help(name):
     result = panoptic_batch(name, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage:" in result.stdout
+
+
+def test_commands_that_run_no_model_do_not_load_torch(tmp_path):
+    """status, stats, submit, cancel, retry are run often (scripts poll status): without torch
+    they start in well under a second, where importing it alone takes seconds."""
+    source = tmp_path / "in"
+    source.mkdir()
+    Image.new("RGB", (8, 8)).save(source / "a.png")
+    queue = f"no-torch-{os.getpid()}-{time.monotonic_ns()}"
+    script = f"""
+import sys
+from click.testing import CliRunner
+from scheduler.cli import main
+runner = CliRunner()
+for args in (["--help"], ["submit", "--help"], ["run", "--help"], ["status", "--json"],
+             ["submit", {str(source)!r}, "--dest", {str(tmp_path / "out")!r}, "--queue", {queue!r}]):
+    result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, (args, result.output)
+job_id = result.output.strip().splitlines()[-1]
+for args in (["status", job_id], ["stats", job_id], ["cancel", job_id]):
+    result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, (args, result.output)
+print(sorted(name for name in sys.modules if name == "torch" or name.startswith("torch.")))
+"""
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}",
+               PANOPTIC_BROKER_URL="redis://127.0.0.1:6379/0")
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        redis.Redis.from_url(env["PANOPTIC_BROKER_URL"]).delete(queue)     # the cancelled job's chunk
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def write_images(folder: Path) -> list[Path]:

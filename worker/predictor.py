@@ -9,21 +9,16 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-
 import torch
 from PIL import Image
 
-from .model import DEFAULT_VARIANT, create_model
+from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
+from .model import create_model
 from .postprocess import postprocess_kept
-from .preprocess import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, image_tensor,
-                         pad_batch, processed_size)
+from .preprocess import image_tensor, pad_batch, processed_size
 
-DEFAULT_THRESHOLD = 0.85
-# Autocast dtype per --precision. "fp32" is IEEE float32 throughout (TF32 off: CUDA results
-# match the CPU's); "tf32" lets matrix products and convolutions round inputs to TF32 on Ampere
-# and later (faster, ~1e-3 relative error); bf16/fp16 autocast the model.
-PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["Predictor", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "resolve_device", "resolve_batch_size"]
+
 # Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
 # than 32 in fp32 and within 10-12% of it in tf32/bf16, at 3.3-5.6 GiB of GPU memory (32 in fp32:
 # 13.9 GiB); CPU: batching gains little there and padding costs (BENCHMARKS.md).
@@ -32,24 +27,6 @@ AUTO_BATCH_SIZE = {"cuda": 16, "cpu": 1}
 # per-image work is many small kernels, a few host syncs and the PNG encoding, so one thread
 # leaves the GPU mostly idle.
 POSTPROCESS_THREADS = 8
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything that decides what a result looks like, plus where it runs."""
-    model: str = DEFAULT_VARIANT
-    weights: str = "official"
-    threshold: float = DEFAULT_THRESHOLD
-    min_size: int = DEFAULT_MIN_SIZE
-    max_size: int = DEFAULT_MAX_SIZE
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_size: int | str = "auto"     # images per forward pass, or "auto" (AUTO_BATCH_SIZE)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
@@ -117,7 +94,7 @@ class Predictor:
         dtype = PRECISIONS[self.config.precision]
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype))
 
     @torch.inference_mode()
     def predict_batch(self, images: list[Image.Image]) -> list[dict]:

@@ -17,12 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MIN_SIZE = 800
-DEFAULT_MAX_SIZE = 1333
-# Refuse images above this many pixels before decoding them (decompression bombs).
-DEFAULT_MAX_PIXELS = 100_000_000
-# Refuse files larger than this many bytes before downloading them (when the size is known).
-DEFAULT_MAX_BYTES = 200_000_000
+from .config import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE
+
 # The only formats PIL may parse: those of the listed extensions (JPEG includes multi-picture
 # MPO), plus GIF found under them. Never EPS (Ghostscript) or PIL's many rarely used parsers.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import DEFAULT_VARIANT, VARIANTS, VariantSpec
 from .segmentation import DETRPanoptic, kept_queries
-from .weights import (DEFAULT_VARIANT, RANDOM_SEED, VARIANTS, LoadedWeights, VariantSpec, WeightsError,
-                      load_weights, state_dict_sha256)
+from .weights import RANDOM_SEED, LoadedWeights, WeightsError, load_weights, state_dict_sha256
 
 __all__ = ["create_model", "DETRPanoptic", "VARIANTS", "DEFAULT_VARIANT", "VariantSpec", "WeightsError",
            "kept_queries", "load_weights"]

@@ -1,6 +1,7 @@
 """Where each variant's weights come from, and how a weights source becomes a state dict.
 
-The published checkpoints are described here as data, next to the constructor that uses them.
+The published checkpoints are described as data in worker.config (no torch there, for the
+command line); this module turns them, or any other source, into state dicts.
 A weights source is one of:
   "official"        the published checkpoint, cached in torch hub's checkpoint folder and checked
                     against the SHA-256 prefix in its file name;
@@ -20,34 +21,8 @@ from pathlib import Path
 
 import torch
 
-PUBLISHED_BASE_URL = "https://dl.fbaipublicfiles.com/detr/"
+from ..config import VARIANTS, VariantSpec
 
-
-@dataclass(frozen=True)
-class VariantSpec:
-    name: str
-    depth: int               # ResNet depth
-    dilation: bool           # DC5: dilated last stage (stride 16)
-    checkpoint: str          # published file name; its 8 hex digits start the file's SHA-256
-    coco_val_pq: float       # published panoptic quality on COCO val2017
-
-    @property
-    def url(self) -> str:
-        return PUBLISHED_BASE_URL + self.checkpoint
-
-    @property
-    def sha256_prefix(self) -> str:
-        return self.checkpoint.rsplit("-", 1)[1].split(".")[0]
-
-
-VARIANTS: dict[str, VariantSpec] = {
-    spec.name: spec for spec in (
-        VariantSpec("detr-r50", 50, False, "detr-r50-panoptic-00ce5173.pth", 43.4),
-        VariantSpec("detr-r50-dc5", 50, True, "detr-r50-dc5-panoptic-da08f1b1.pth", 44.6),
-        VariantSpec("detr-r101", 101, False, "detr-r101-panoptic-40021d53.pth", 45.1),
-    )
-}
-DEFAULT_VARIANT = "detr-r101"
 RANDOM_SEED = 0
 
 
