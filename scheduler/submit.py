@@ -83,6 +83,15 @@ def chunked(items: list[int], size: int) -> Iterator[list[int]]:
         yield chunk
 
 
+def check_weights_source(weights: str) -> None:
+    """A job's weights source is stored in the database and read by every worker, and passwords
+    and signatures are never stored: a URL that carries one could not be read back."""
+    if objects.mask_url(weights) != weights:
+        raise SubmitError(f"--weights {objects.mask_url(weights)}: a URL with a password or signature cannot be "
+                          "given to a job (secrets are not stored in its database); put the checkpoint in an S3 "
+                          "bucket the workers can read, or serve it without credentials")
+
+
 def weights_identity(weights: str, model: str) -> str:
     """What the weights are, as far as submit can tell without loading a model: the published
     checkpoint of the variant, the seed, the content hash of a file or object, or the URL."""
@@ -156,6 +165,7 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
     same model fingerprint, and whose ETag has not changed since, are skipped (nightly runs)."""
     spec = replace(spec, source=objects.normalize(spec.source), dest=objects.normalize(spec.dest))
     check_locations(spec.source, spec.dest)
+    check_weights_source(spec.weights)
     listing = iter_source_images(spec.source, spec.includes)
     try:
         first = next(listing, None)         # fails here, before a job exists, if SOURCE is unreadable

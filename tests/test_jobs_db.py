@@ -626,3 +626,9 @@ def test_timestamps_are_utc(store):
     assert 29 <= (image.lease_expires_at - image.updated_at).total_seconds() <= 31
     status = store.job(job_id)
     assert status.created_at <= status.started_at
+
+
+def test_a_password_in_a_weights_url_is_never_stored(store):
+    """submit refuses such URLs; the store masks them anyway for any other caller."""
+    job_id, _ = new_job(store, weights="https://reader:s3cret@host/detr.pth")
+    assert store.job(job_id).weights == "https://reader:***@host/detr.pth"
