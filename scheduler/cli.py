@@ -339,13 +339,27 @@ def _find_job(store, job_id):
                    "stdout is not a terminal.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between polls with --watch.")
-def status(job_id, as_json, watch, interval):
+@click.option("--failed", "list_failed", is_flag=True,
+              help="List JOB_ID's failed images and why, one 'KEY: ERROR' line each (--json: a list of "
+                   '{"key", "uri", "attempts", "error"}).')
+def status(job_id, as_json, watch, interval, list_failed):
     """Progress of JOB_ID, or of every job."""
     store = open_store()
     if watch:
-        if not job_id or as_json:
-            raise click.UsageError("--watch needs a JOB_ID and does not combine with --json")
+        if not job_id or as_json or list_failed:
+            raise click.UsageError("--watch needs a JOB_ID and does not combine with --json or --failed")
         _watch(store, _find_job(store, job_id).id, interval)
+        return
+    if list_failed:
+        if not job_id:
+            raise click.UsageError("--failed needs a JOB_ID")
+        failed = store.images(_find_job(store, job_id).id, state="failed")
+        if as_json:
+            click.echo(json.dumps([{"key": i.key, "uri": i.uri, "attempts": i.attempts, "error": i.error}
+                                   for i in failed], indent=1))
+        else:
+            for image in failed:
+                click.echo(f"{image.key}: {image.error}")
         return
     statuses = [_find_job(store, job_id)] if job_id else store.jobs()
     if as_json:

@@ -207,6 +207,10 @@ def test_output_conflicts_overwrite_nothing_and_retry_leaves_them_failed(tmp_pat
     assert (first["state"], first["total"], first["succeeded"], first["failed"]) == ("partial", 3, 2, 1)
     assert json.loads((dest / "a.json").read_text())["image"].endswith("a.jpg")
     written = (dest / "a.png").read_bytes()
+    listed = run_json("status", first["id"], "--failed", env=env, cwd=tmp_path)
+    assert listed.returncode == 0 and listed.stdout.startswith("a.png: output conflict:"), listed.stderr
+    (failure,) = json.loads(run_json("status", first["id"], "--failed", "--json", env=env, cwd=tmp_path).stdout)
+    assert failure["key"] == "a.png" and failure["uri"].endswith("a.png") and "a.jpg" in failure["error"]
 
     result = run_json("retry", first["id"], env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
