@@ -156,6 +156,14 @@ def skipped_note(status) -> str:
     return f"; {skipped} unchanged images skipped (--force reprocesses them)" if skipped else ""
 
 
+def warn_if_nothing_found(status, includes) -> None:
+    """A job of no images is valid (a nightly run on an empty prefix) but often a mistyped SOURCE."""
+    from .submit import IMAGE_EXTENSIONS
+    if status.total == 0 and not status.config.get("skipped", 0):
+        wanted = ", ".join(sorted(IMAGE_EXTENSIONS)) + (f", matching --include {' '.join(includes)}" if includes else "")
+        click.echo(f"warning: no images found under {mask_url(status.source)} (files ending in {wanted}, in any case)", err=True)
+
+
 def open_store():
     from storage.jobs import JobStore
     return JobStore()
@@ -180,6 +188,7 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from exc
     status = store.job(job_id)
+    warn_if_nothing_found(status, includes)
     click.echo(f"job {job_id}: {status.total} images in {dispatcher.sent} chunks queued on "
                f"{mask_url(broker_url())}{skipped_note(status)}")
     click.echo(job_id)
@@ -218,6 +227,7 @@ def run(source, dest, chunk_size, includes, name, force, **options):
             raise click.ClickException(str(exc)) from exc
         raise
     status = store.job(job_id)
+    warn_if_nothing_found(status, includes)
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
                f"{status.failed} failed{skipped_note(status)}")
     for image in store.images(job_id, state="failed") if status.failed else ():
@@ -368,7 +378,13 @@ def status(job_id, as_json, watch, interval, list_failed):
         return
     from rich.console import Console
     from rich.table import Table
-    table = Table("job", "name", "state", "total", "succeeded", "failed", "pending", "images/s")
+    # Ids and states whole at any width (they are copied into the next command); names give way.
+    table = Table(box=None, pad_edge=False)
+    table.add_column("job", no_wrap=True, min_width=12)
+    table.add_column("name", overflow="ellipsis", min_width=4)
+    table.add_column("state", no_wrap=True, min_width=9)
+    for header in ("total", "succeeded", "failed", "pending", "images/s"):
+        table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for s in statuses:
         table.add_row(s.id, s.name, s.state, str(s.total), str(s.succeeded), str(s.failed), str(s.pending),
                       f"{s.rate:.2f}")

@@ -52,10 +52,14 @@ from click.testing import CliRunner
 from scheduler.cli import main
 runner = CliRunner()
 for args in (["--help"], ["submit", "--help"], ["run", "--help"], ["status", "--json"],
-             ["submit", {str(source)!r}, "--dest", {str(tmp_path / "out")!r}, "--queue", {queue!r}]):
+             ["submit", {str(source)!r}, "--dest", {str(tmp_path / "out")!r}, "--queue", {queue!r},
+              "--name", "a long job name " * 8]):
     result = runner.invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, (args, result.output)
 job_id = result.output.strip().splitlines()[-1]
+table = runner.invoke(main, ["status"], env={{"COLUMNS": "80"}}).output
+row = next(line for line in table.splitlines() if line.startswith(job_id))   # the whole id, to copy
+assert "pending" in row and max(len(line) for line in table.splitlines()) <= 80, table
 for args in (["status", job_id], ["stats", job_id], ["cancel", job_id]):
     result = runner.invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, (args, result.output)
@@ -146,3 +150,14 @@ def test_auto_batch_size_follows_the_device():
     assert resolve_batch_size("auto", torch.device("cpu")) == 1
     assert resolve_batch_size("auto", torch.device("cuda", 0)) == 16
     assert resolve_batch_size(4, torch.device("cuda", 0)) == 4
+
+
+def test_a_source_without_images_is_a_job_of_none_with_a_warning(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+    result = panoptic_batch("run", "in", "--dest", "out", "--weights", "random", "--model", "detr-r50",
+                            "--include", "*.JPG", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr               # valid: a nightly run may find nothing new
+    assert "warning: no images found under" in result.stderr and "--include *.JPG" in result.stderr
+    assert "0 of 0 succeeded" in result.stdout
