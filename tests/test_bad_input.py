@@ -148,8 +148,8 @@ def corpus() -> dict[str, Case]:
         # PIL does not check IDAT CRCs; the pixel data is intact, so this is a good image
         "good/idat-bad-crc.png": Case(corrupt_crc(plain_png, b"IDAT"), size=(40, 30)),
         # bad: a failed image whose error says why
-        "bad/truncated.jpg": Case(plain_jpeg[: len(plain_jpeg) // 2], error="cannot decode image: image file is truncated"),
-        "bad/truncated.png": Case(plain_png[: len(plain_png) // 2], error="cannot decode image: image file is truncated"),
+        "bad/truncated-jpeg.jpg": Case(plain_jpeg[: len(plain_jpeg) // 2], error="cannot decode image: image file is truncated"),
+        "bad/truncated-png.png": Case(plain_png[: len(plain_png) // 2], error="cannot decode image: image file is truncated"),
         "bad/zero-bytes.jpg": Case(b"", error="empty file (0 bytes)"),
         "bad/text.jpg": Case(b"Not an image.\nJust some text in a file named .jpg\n" * 20,
                              error="cannot decode image: not a recognised image format"),
