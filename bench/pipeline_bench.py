@@ -5,7 +5,7 @@
 
 Same images, weights and settings on both sides:
 
-- model only: ``Predictor.predict_batch`` (the worker's own code: preprocess → pruned DETR →
+- model only: ``Predictor.predict_batches`` (the worker's own code: preprocess → pruned DETR →
   postprocess, PNG encoding included) on the images already downloaded and decoded, in this
   process (with freed memory kept in the heap, as in the worker's pool process: worker.heap),
   batches of ``--batch-size``; measured before and after the end-to-end run.
@@ -75,8 +75,8 @@ def model_only(predictor, images, batch_size: int) -> tuple[float, float]:
     predictor.predict_batch(images[:batch_size])                      # warm-up
     results = []
     cpu0, t0 = cpu_seconds(os.getpid()), time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        results += predictor.predict_batch(images[i:i + batch_size])
+    for batch_results in predictor.predict_batches(images[i:i + batch_size] for i in range(0, len(images), batch_size)):
+        results += batch_results
     rate = len(images) / (time.perf_counter() - t0)
     cpu_ms = (cpu_seconds(os.getpid()) - cpu0) * 1e3 / len(images)
     print(f"  model only: mean per-image model_ms {np.mean([r['model_ms'] for r in results]):.0f}, "

@@ -108,9 +108,9 @@ def predict(images, out_dir, **options):
         except (ImageDecodeError, ObjectStoreError, OSError) as exc:
             failed.append(uri)
             click.echo(f"failed: {uri}: {exc}", err=True)
-    for start in range(0, len(decoded), predictor.batch_size):
-        chunk = decoded[start:start + predictor.batch_size]
-        for (uri, image), result in zip(chunk, predictor.predict_batch([im for _, im in chunk])):
+    chunks = [decoded[start:start + predictor.batch_size] for start in range(0, len(decoded), predictor.batch_size)]
+    for chunk, results in zip(chunks, predictor.predict_batches([im for _, im in chunk] for chunk in chunks)):
+        for (uri, image), result in zip(chunk, results):
             stem = Path(uri).stem
             (out_dir / f"{stem}.png").write_bytes(result["png"])
             document = result_document(result, f"{stem}.png", uri, predictor.model_info)

@@ -17,8 +17,10 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests import reference_detr as R
 from worker.model import create_model, kept_queries
@@ -347,3 +349,40 @@ def test_folded_batchnorm_gives_the_same_outputs():
         actual = folded(images.contiguous(memory_format=torch.channels_last), mask)
     for key in ("pred_logits", "pred_boxes", "pred_masks"):
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-4 * float(expected[key].abs().max()))
+
+
+def test_the_next_batch_starts_while_the_previous_one_is_postprocessed():
+    """Predictor.start_batch returns once the model pass is done; with a postprocessing pool (CUDA
+    workers have one) the next batch's model runs while the previous batch is postprocessed, and
+    the results are those of one batch at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.predictor import ModelConfig, Predictor
+
+    class HeldPool:
+        """Runs nothing until released."""
+        def __init__(self):
+            self.pool, self.release = ThreadPoolExecutor(2), threading.Event()
+
+        def submit(self, fn, *args):
+            return self.pool.submit(lambda: self.release.wait(60) and fn(*args))
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu", batch_size=2))
+    expected = [predictor.predict_batch(images[:2]), predictor.predict_batch(images[2:])]
+    held = predictor._postprocess_pool = HeldPool()
+    first = predictor.start_batch(images[:2])
+    second = predictor.start_batch(images[2:])             # the first is still waiting for the pool
+    assert not any(f.done() for f in first._futures + second._futures)
+    held.release.set()
+    for pending, want in zip((first, second), expected):
+        got = pending.results()
+        assert [r["segments_info"] for r in got] == [r["segments_info"] for r in want]
+        assert all(np.array_equal(g["id_map"], w["id_map"]) and g["png"] == w["png"] for g, w in zip(got, want))
+    predictor._postprocess_pool = ThreadPoolExecutor(2)
+    assert [len(r) for r in predictor.predict_batches([images[:2], images[2:3], images[3:]])] == [2, 1, 1]
+    held.pool.shutdown()
+    predictor.close()

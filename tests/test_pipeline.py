@@ -293,3 +293,50 @@ def test_a_batch_of_results_is_recorded_in_one_transaction(tmp_path, monkeypatch
     # Two batches (4 + 1): at most one transaction each (one in all if the first batch's uploads
     # were still under way when the second's began).
     assert sum(transactions) == 5 and len(transactions) <= 2
+
+
+def _chunk_job(tmp_path, sizes, batch_size):
+    """A local job of synthetic JPEGs of the given (width, height) and its image ids, in a SQLite store."""
+    from scheduler.submit import JobSpec, submit
+
+    source = tmp_path / "in"
+    source.mkdir()
+    rng = np.random.default_rng(3)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(source / f"img{i}.jpg")
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    spec = JobSpec(source=str(source), dest=str(tmp_path / "out"), model="detr-r50", weights="random",
+                   threshold=0.0, min_size=64, max_size=96, chunk_size=32,
+                   config={"batch_size": batch_size, "chunk_size": 32})
+    chunks = []
+    job_id = submit(store, spec, lambda job, ids: chunks.append((job, ids)))
+    return store, job_id, chunks
+
+
+def test_a_batch_the_model_cannot_run_is_retried_image_by_image(tmp_path, monkeypatch):
+    """E.g. out of GPU memory on a batch: the images are run one at a time, and only an image that
+    fails alone fails."""
+    from worker.pipeline import ChunkProcessor
+    from worker.predictor import Predictor
+
+    store, job_id, chunks = _chunk_job(tmp_path, [(64, 48)] * 5 + [(48, 64)], batch_size=4)
+    start_batch = Predictor.start_batch
+    calls = []
+
+    def fragile(self, images):
+        calls.append(len(images))
+        if len(images) > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        if images[0].size == (48, 64):
+            raise RuntimeError("this one image is too much (simulated)")
+        return start_batch(self, images)
+
+    monkeypatch.setattr(Predictor, "start_batch", fragile)
+    processor = ChunkProcessor(store, device="cpu")
+    outcomes = [o for job, ids in chunks for o in processor.process(job, ids)]
+    assert sorted(o.ok for o in outcomes) == [False] + [True] * 5
+    status = store.job(job_id)
+    assert (status.state, status.succeeded, status.failed) == ("partial", 5, 1)
+    (failed,) = store.images(job_id, state="failed")
+    assert failed.key == "img5.jpg" and "this one image is too much" in failed.error
+    assert max(calls) > 1 and calls.count(1) == 6          # a batch tried, then each image alone

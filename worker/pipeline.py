@@ -216,6 +216,7 @@ class ChunkProcessor:
         fetching: set[Future] = set()
         uploads: list[Future] = []
         done: set[int] = set()
+        in_flight: list = []        # the batch whose postprocessing runs while the next one's model does
 
         def top_up() -> bool:
             """Start downloads while the window has room; False once all have started."""
@@ -230,7 +231,7 @@ class ChunkProcessor:
         def run(batch: list[_Decoded]) -> bool:
             if self.store.job(job.id).state == "cancelled":
                 return False
-            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder))
+            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder, in_flight))
             done.update(d.image_id for d in batch)
             return True
 
@@ -254,6 +255,8 @@ class ChunkProcessor:
             for batch in batcher.flush():
                 if not (running := run(batch)):
                     break
+        while in_flight:
+            uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder))
         if not running:                 # cancelled: hand back what was not processed
             for future in fetching:
                 future.cancel()
@@ -307,15 +310,34 @@ class ChunkProcessor:
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
 
-    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes, recorder) -> list[Future]:
+    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes, recorder, in_flight: list) -> list[Future]:
+        """Start the model on a batch, then collect the batch started before it (its postprocessing
+        ran meanwhile: on CUDA in threads, beside this batch's model) and hand its results to
+        uploads. Returns the uploads started."""
         good = [d for d in decoded if d is not None and d.image is not None]
         for d in decoded:
             if d is not None and d.image is None:
                 outcomes.append(self._fail(d.image_id, token, leases, d.error, d.key))
-        if not good:
-            return []
+        if good:
+            in_flight.append((self._start(predictor, good), good))
+        futures = []
+        while len(in_flight) > 1:
+            futures += self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder)
+        return futures
+
+    @staticmethod
+    def _start(predictor, good):
+        """The batch's PendingBatch, or the exception its model pass raised (dealt with when collected)."""
         try:
-            results = predictor.predict_batch([d.image for d in good])
+            return predictor.start_batch([d.image for d in good])
+        except Exception as exc:
+            return exc
+
+    def _collect(self, pool, job, predictor, pending, good, token, leases, outcomes, recorder) -> list[Future]:
+        try:
+            if isinstance(pending, Exception):
+                raise pending
+            results = pending.results()
         except Exception as exc:
             # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
             # so that only the image that cannot be processed fails.
@@ -324,10 +346,9 @@ class ChunkProcessor:
                                            good[0].key))
                 return []
             log.warning("batch failed (%s); retrying its images one by one", exc)
-            futures = []
-            for d in good:
-                futures += self._run_batch(pool, job, predictor, [d], token, leases, outcomes, recorder)
-            return futures
+            return [future for d in good for future in
+                    self._collect(pool, job, predictor, self._start(predictor, [d]), [d], token, leases, outcomes,
+                                  recorder)]
         metrics.batch_done(len(good), predictor.device)
         recorder.expect(len(good))
         return [pool.submit(self._upload, job, predictor, d, r, token, leases, recorder)

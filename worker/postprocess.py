@@ -39,7 +39,7 @@ import functools
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +50,7 @@ from . import categories
 from .model.segmentation import kept_queries
 from .output import encode_id_png
 
-__all__ = ["panoptic_postprocess", "postprocess_kept", "pil_nearest_indices", "bilinear_source",
+__all__ = ["panoptic_postprocess", "postprocess_kept", "start_postprocess", "pil_nearest_indices", "bilinear_source",
            "DEFAULT_THRESHOLD", "MASK_STRIDE", "MIN_AREA"]
 
 DEFAULT_THRESHOLD = 0.85
@@ -445,6 +445,11 @@ def _on_side_stream(ready: torch.cuda.Event, *args) -> dict:
         return _postprocess_image(*args)
 
 
+def _in_thread(*args) -> dict:
+    with torch.inference_mode():        # per thread
+        return _postprocess_image(*args)
+
+
 @torch.inference_mode()
 def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, target_sizes,
                      executor: Executor | None = None) -> list[dict]:
@@ -453,9 +458,18 @@ def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, 
     outputs_kept: {"pred_logits" [B,Q,C+1], "keep" [B,Q] bool, "kept_masks" [K,H',W'] for the kept
     queries in (image, query) order, ...}; processed_sizes / target_sizes: B pairs (h, w).
     Returns per image {"id_map": int32 [H, W] (0 = VOID), "png": bytes, "segments_info": [...]}.
-    With CUDA tensors and an `executor` (threads), images are postprocessed concurrently, each
-    thread on its own CUDA stream; results are the same.
+    With an `executor` (threads), images are postprocessed concurrently (with CUDA tensors each
+    thread on its own CUDA stream); results are the same.
     """
+    return [f.result() for f in start_postprocess(outputs_kept, processed_sizes, target_sizes, executor)]
+
+
+@torch.inference_mode()
+def start_postprocess(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, target_sizes,
+                      executor: Executor | None = None) -> list[Future]:
+    """`postprocess_kept` that returns at once with one future per image when given an
+    `executor`: the caller may start the next model pass meanwhile. The futures hold the
+    tensors they read, so the caller may drop its own. Without one, the futures are done."""
     logits, keep, masks = outputs_kept["pred_logits"], outputs_kept["keep"], outputs_kept["kept_masks"]
     batch = logits.shape[0]
     if len(processed_sizes) != batch or len(target_sizes) != batch:
@@ -476,11 +490,19 @@ def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, 
         image_masks = masks[start:start + n, :h4, :w4].float().contiguous()
         jobs.append((image_masks, kept_labels[start:start + n], kept_scores[start:start + n], (h, w), (H, W)))
         start += n
-    if executor is None or masks.device.type != "cuda" or batch == 1:
-        return [_postprocess_image(*job) for job in jobs]
+    if executor is None:
+        return [_done(_postprocess_image(*job)) for job in jobs]
+    if masks.device.type != "cuda":
+        return [executor.submit(_in_thread, *job) for job in jobs]
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(masks.device))   # the masks above are computed there
-    return [f.result() for f in [executor.submit(_on_side_stream, ready, *job) for job in jobs]]
+    return [executor.submit(_on_side_stream, ready, *job) for job in jobs]
+
+
+def _done(result) -> Future:
+    future = Future()
+    future.set_result(result)
+    return future
 
 
 @torch.inference_mode()

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from PIL import Image
 
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
 from .model import create_model
-from .postprocess import postprocess_kept
+from .postprocess import start_postprocess
 from .preprocess import image_tensor, pad_batch, processed_size
 
-__all__ = ["Predictor", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "resolve_device", "resolve_batch_size"]
+__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "resolve_device", "resolve_batch_size"]
 
 # Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
 # than 32 in fp32 and within 10-12% of it in tf32/bf16, at 3.3-5.6 GiB of GPU memory (32 in fp32:
@@ -97,9 +98,11 @@ class Predictor:
         return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype))
 
     @torch.inference_mode()
-    def predict_batch(self, images: list[Image.Image]) -> list[dict]:
-        """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info}),
-        with the batch's per-image share of model and postprocessing time (model_ms, postprocess_ms)."""
+    def start_batch(self, images: list[Image.Image]) -> PendingBatch:
+        """Run the model on RGB images (any sizes) and start their postprocessing; returns once
+        the model pass is done. On CUDA the postprocessing goes on in threads (on streams of
+        their own) while the caller starts the next batch: the GPU then runs one batch's model
+        while the CPU finishes the one before. `PendingBatch.results()` waits for it."""
         cfg = self.config
         start = time.perf_counter()
         sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
@@ -109,19 +112,54 @@ class Predictor:
             outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            # This stream only: the previous batch's postprocessing may still run on others.
+            torch.cuda.current_stream(self.device).synchronize()
         model_done = time.perf_counter()
-        results = postprocess_kept(outputs, batch.sizes, [(im.height, im.width) for im in images],
-                                   executor=self._postprocess_pool)
-        finished = time.perf_counter()
-        for result in results:
-            result["model_ms"] = (model_done - start) * 1e3 / len(images)
-            result["postprocess_ms"] = (finished - model_done) * 1e3 / len(images)
-        return results
+        futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],
+                                    executor=self._postprocess_pool)
+        return PendingBatch(futures, (model_done - start) * 1e3 / len(images), model_done)
+
+    def predict_batch(self, images: list[Image.Image]) -> list[dict]:
+        """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info}),
+        with the batch's per-image share of model and postprocessing time (model_ms, postprocess_ms)."""
+        return self.start_batch(images).results()
+
+    def predict_batches(self, batches: Iterable[list[Image.Image]]) -> Iterator[list[dict]]:
+        """`predict_batch` for each batch, in order, each batch's model pass started before the
+        previous batch's results are collected (see `start_batch`)."""
+        pending = None
+        for images in batches:
+            started = self.start_batch(images)
+            if pending is not None:
+                yield pending.results()
+            pending = started
+        if pending is not None:
+            yield pending.results()
 
     def predict(self, images: list[Image.Image]) -> list[dict]:
         """Any number of images, in batches of `batch_size`, results in input order."""
-        results = []
-        for start in range(0, len(images), self.batch_size):
-            results.extend(self.predict_batch(images[start:start + self.batch_size]))
+        batches = (images[start:start + self.batch_size] for start in range(0, len(images), self.batch_size))
+        return [result for results in self.predict_batches(batches) for result in results]
+
+
+class PendingBatch:
+    """A batch whose model pass is done and whose postprocessing may still be running."""
+
+    def __init__(self, futures: list[Future], model_ms: float, postprocess_started: float):
+        self._futures = futures
+        self._model_ms = model_ms                  # per image
+        self._started = postprocess_started
+        self._finished = [postprocess_started]     # appended to by the threads that finish images
+        for future in futures:
+            # Runs in the finishing thread, or at once for a future already done.
+            future.add_done_callback(lambda _: self._finished.append(time.perf_counter()))
+
+    def results(self) -> list[dict]:
+        """Each image's result, with model_ms and postprocess_ms: the batch's model time and the
+        wall time of its postprocessing (until its last image was done), per image."""
+        results = [future.result() for future in self._futures]
+        postprocess_ms = (max(self._finished) - self._started) * 1e3 / max(1, len(results))
+        for result in results:
+            result["model_ms"] = self._model_ms
+            result["postprocess_ms"] = postprocess_ms
         return results
