@@ -153,13 +153,15 @@ def batches_by_aspect(images, batch_size: int, min_size: int, max_size: int) -> 
     return [[item.index for item in b] for b in batches]
 
 
-def run_ours(predictor: Predictor, images, batches: list[list[int]]) -> tuple[float, list[dict]]:
-    """Seconds for all `images` in the given batches (lists of indices), and the results in order."""
+def run_ours(predictor: Predictor, images, batches: list[list[int]], overlap: bool = True) -> tuple[float, list[dict]]:
+    """Seconds for all `images` in the given batches (lists of indices), and the results in order.
+    `overlap`: as the worker runs them (on CUDA a batch's postprocessing overlaps the next
+    batch's model); otherwise one batch entirely after the other."""
     _sync(predictor.device)
     start = time.perf_counter()
     results = [None] * len(images)
-    # As the worker runs them: on CUDA a batch's postprocessing overlaps the next batch's model.
-    for batch, batch_results in zip(batches, predictor.predict_batches([images[i] for i in b] for b in batches)):
+    run = predictor.predict_batches if overlap else lambda batches: map(predictor.predict_batch, batches)
+    for batch, batch_results in zip(batches, run([images[i] for i in b] for b in batches)):
         for i, result in zip(batch, batch_results):
             results[i] = result
     _sync(predictor.device)
@@ -231,6 +233,9 @@ def main(argv=None) -> None:
                     help="CUDA: override the Predictor's cudnn.benchmark setting")
     ap.add_argument("--serial-postprocess-row", action="store_true",
                     help="CUDA: add a row (first precision, largest batch) with the images of a batch postprocessed one after another")
+    ap.add_argument("--in-turn-rows", action="store_true",
+                    help="CUDA: add a row per precision (largest batch) with each batch's postprocessing finished "
+                         "before the next batch's model starts (the A/B of the overlap)")
     ap.add_argument("--interleave", action="store_true",
                     help="alternate the seed path and ours (batch 1, first precision) image by image, so that "
                          "a busy machine slows both alike; reports the median of the per-image ratios")
@@ -292,21 +297,24 @@ def main(argv=None) -> None:
     configs = [(p, b, "threads") for p in precisions for b in batch_sizes]
     if args.serial_postprocess_row and device.type == "cuda":
         configs.append((precisions[0], max(batch_sizes), "serial"))
+    if args.in_turn_rows and device.type == "cuda":
+        configs += [(p, max(batch_sizes), "threads, in turn") for p in precisions]
     pool = predictor._postprocess_pool
     rows = []
     for precision, batch_size, postprocess in configs:
-        predictor._postprocess_pool = pool if postprocess == "threads" else None
+        predictor._postprocess_pool = pool if postprocess.startswith("threads") else None
+        overlap = postprocess != "threads, in turn"
         predictor.config = ModelConfig(**{**base.as_dict(), "precision": precision, "batch_size": batch_size})
         run_ours(predictor, warmup[:batch_size], [list(range(batch_size))])   # warm-up
         batches = (batches_by_aspect(images, batch_size, args.min_size, args.max_size) if args.group_by_aspect
                    else batches_in_order(len(images), batch_size))
         # On CUDA one untimed pass over the timed batches first: a long job meets each of its
         # shapes again and again, so the figure is the steady state; the pass's time is reported.
-        first_pass_s = run_ours(predictor, images, batches)[0] if device.type == "cuda" else None
+        first_pass_s = run_ours(predictor, images, batches, overlap)[0] if device.type == "cuda" else None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rss_reset = reset_peak_rss()
-        seconds, results = run_ours(predictor, images, batches)
+        seconds, results = run_ours(predictor, images, batches, overlap)
         agree = [float(np.mean(a["id_map"] == b["id_map"])) for a, b in zip(seed_results, results)]
         row = {
             "precision": precision, "batch_size": batch_size,
