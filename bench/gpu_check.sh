@@ -15,7 +15,7 @@ python3 -c 'import torch, torchvision, sys; print(sys.version.split()[0], torch.
 timeout "${CUDA_TESTS_S:-150}" python3 -m pytest -p no:cacheprovider -m cuda -rA \
     tests/test_cuda.py tests/test_postprocess.py -k cuda 2>&1 | tee "$OUT/cuda-tests.log"
 timeout "${BENCH_S:-200}" python3 -m bench.inference_bench --device cuda --images 64 --seed-images 16 \
-    --precisions fp32,tf32,bf16 --batch-sizes "${BATCH_SIZES:-16,32}" --in-turn-rows --json "$OUT/gpu-640x480.json" 2>&1 | tee "$OUT/bench.log"
+    --precisions fp32,tf32,bf16 --batch-sizes "${BATCH_SIZES:-16,32}" --in-turn-rows --nchw-rows --json "$OUT/gpu-640x480.json" 2>&1 | tee "$OUT/bench.log"
 timeout "${MIXED_S:-150}" python3 -m bench.inference_bench --device cuda --images 64 --seed-images 16 \
     --precisions fp32,tf32,bf16 --batch-sizes 16 --mixed-sizes --group-by-aspect --json "$OUT/gpu-mixed.json" 2>&1 | tee "$OUT/bench-mixed.log"
 timeout "${COMPAT_S:-80}" python3 -m pytest -p no:cacheprovider -q -x tests/test_preprocess.py 2>&1 | tee "$OUT/torch-compat.log"

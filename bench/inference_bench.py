@@ -236,6 +236,8 @@ def main(argv=None) -> None:
     ap.add_argument("--in-turn-rows", action="store_true",
                     help="CUDA: add a row per precision (largest batch) with each batch's postprocessing finished "
                          "before the next batch's model starts (the A/B of the overlap)")
+    ap.add_argument("--nchw-rows", action="store_true",
+                    help="CUDA: add a row per precision (largest batch) with the model in NCHW instead of channels_last")
     ap.add_argument("--interleave", action="store_true",
                     help="alternate the seed path and ours (batch 1, first precision) image by image, so that "
                          "a busy machine slows both alike; reports the median of the per-image ratios")
@@ -299,11 +301,14 @@ def main(argv=None) -> None:
         configs.append((precisions[0], max(batch_sizes), "serial"))
     if args.in_turn_rows and device.type == "cuda":
         configs += [(p, max(batch_sizes), "threads, in turn") for p in precisions]
+    if args.nchw_rows and device.type == "cuda":
+        configs += [(p, max(batch_sizes), "threads, NCHW") for p in precisions]
     pool = predictor._postprocess_pool
     rows = []
     for precision, batch_size, postprocess in configs:
         predictor._postprocess_pool = pool if postprocess.startswith("threads") else None
         overlap = postprocess != "threads, in turn"
+        predictor.set_memory_format(torch.contiguous_format if postprocess == "threads, NCHW" else torch.channels_last)
         predictor.config = ModelConfig(**{**base.as_dict(), "precision": precision, "batch_size": batch_size})
         run_ours(predictor, warmup[:batch_size], [list(range(batch_size))])   # warm-up
         batches = (batches_by_aspect(images, batch_size, args.min_size, args.max_size) if args.group_by_aspect

@@ -65,14 +65,20 @@ class Predictor:
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
         # On the CPU only the backbone goes NHWC: the mask head's group norms are slower so.
         self.model.detr.backbone[0].body.fold_batchnorm()
-        nhwc = self.model if self.device.type == "cuda" else self.model.detr.backbone
-        nhwc.to(memory_format=torch.channels_last)
+        self.set_memory_format(torch.channels_last)
         self._postprocess_pool = None
         if self.device.type == "cuda":
             # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
             # with each image size and each batch's count of kept queries. On an H200 with eight
             # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
             self._postprocess_pool = ThreadPoolExecutor(POSTPROCESS_THREADS, thread_name_prefix="postprocess")
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """The layout of the model's activations: channels_last (the default, see above) or
+        contiguous_format (NCHW; for benchmarks that compare the two)."""
+        self._memory_format = memory_format
+        converted = self.model if self.device.type == "cuda" else self.model.detr.backbone
+        converted.to(memory_format=memory_format)
 
     def close(self) -> None:
         """Stop the postprocessing threads (their CUDA streams go with them)."""
@@ -107,7 +113,7 @@ class Predictor:
         start = time.perf_counter()
         sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
         batch = pad_batch([image_tensor(im, size, self.device) for im, size in zip(images, sizes)])
-        pixels = batch.images.contiguous(memory_format=torch.channels_last)
+        pixels = batch.images.contiguous(memory_format=self._memory_format)
         with self._autocast():
             outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
