@@ -321,7 +321,8 @@ class ChunkProcessor:
         if good:
             in_flight.append((self._start(predictor, good), good))
         futures = []
-        while len(in_flight) > 1:
+        # Keep in flight only a batch still being postprocessed (CUDA), and only the newest.
+        while in_flight and (len(in_flight) > 1 or isinstance(in_flight[0][0], Exception) or in_flight[0][0].done()):
             futures += self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder)
         return futures
 

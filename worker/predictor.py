@@ -160,6 +160,10 @@ class PendingBatch:
             # Runs in the finishing thread, or at once for a future already done.
             future.add_done_callback(lambda _: self._finished.append(time.perf_counter()))
 
+    def done(self) -> bool:
+        """Whether every image is postprocessed (always, where postprocessing runs in line: CPU)."""
+        return all(future.done() for future in self._futures)
+
     def results(self) -> list[dict]:
         """Each image's result, with model_ms and postprocess_ms: the batch's model time and the
         wall time of its postprocessing (until its last image was done), per image."""
