@@ -295,7 +295,7 @@ def test_a_batch_of_results_is_recorded_in_one_transaction(tmp_path, monkeypatch
     assert sum(transactions) == 5 and len(transactions) <= 2
 
 
-def _chunk_job(tmp_path, sizes, batch_size):
+def _chunk_job(tmp_path, sizes, batch_size, weights="random", chunk_size=32):
     """A local job of synthetic JPEGs of the given (width, height) and its image ids, in a SQLite store."""
     from scheduler.submit import JobSpec, submit
 
@@ -305,12 +305,29 @@ def _chunk_job(tmp_path, sizes, batch_size):
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(source / f"img{i}.jpg")
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
-    spec = JobSpec(source=str(source), dest=str(tmp_path / "out"), model="detr-r50", weights="random",
-                   threshold=0.0, min_size=64, max_size=96, chunk_size=32,
-                   config={"batch_size": batch_size, "chunk_size": 32})
+    spec = JobSpec(source=str(source), dest=str(tmp_path / "out"), model="detr-r50", weights=weights,
+                   threshold=0.0, min_size=64, max_size=96, chunk_size=chunk_size,
+                   config={"batch_size": batch_size, "chunk_size": chunk_size})
     chunks = []
     job_id = submit(store, spec, lambda job, ids: chunks.append((job, ids)))
     return store, job_id, chunks
+
+
+def test_weights_that_cannot_load_fail_the_images_and_are_not_read_again_for_every_chunk(tmp_path, monkeypatch):
+    from worker import pipeline
+
+    corrupt = tmp_path / "detr.pth"
+    corrupt.write_bytes(b"not a checkpoint" * 1000)
+    store, job_id, chunks = _chunk_job(tmp_path, [(64, 48)] * 6, batch_size=2, weights=str(corrupt), chunk_size=2)
+    loads = []
+    monkeypatch.setattr(pipeline, "Predictor", lambda config, real=pipeline.Predictor: loads.append(config) or real(config))
+    processor = pipeline.ChunkProcessor(store, device="cpu")
+    outcomes = [o for job, ids in chunks for o in processor.process(job, ids)]
+    assert len(chunks) == 3 and len(outcomes) == 6 and not any(o.ok for o in outcomes)
+    assert len(loads) == 1                                  # not once per chunk
+    errors = {image.error for image in store.images(job_id)}
+    assert len(errors) == 1 and next(iter(errors)).startswith("model could not be loaded: ")
+    assert store.job(job_id).state == "failed"
 
 
 def test_a_batch_the_model_cannot_run_is_retried_image_by_image(tmp_path, monkeypatch):

@@ -50,6 +50,10 @@ IO_THREADS = 8
 # image as it finishes). A commit per image, at ~100 images/s per GPU, would make the database's
 # commit rate the limit of a large fleet.
 RECORD_BATCH = 32
+# A model that failed to load is not loaded again for the same settings within this many seconds:
+# the chunks that follow fail at once with the same reason, instead of each reading the same
+# (often large, often remote) weights again. Later chunks try again, in case the cause is gone.
+LOAD_FAILURE_MEMORY_SECONDS = 60.0
 
 
 def lease_seconds() -> float:
@@ -155,6 +159,7 @@ class ChunkProcessor:
     device: str = "auto"
     precision: str = "fp32"
     _predictor: Predictor | None = field(default=None, init=False, repr=False)
+    _load_failure: tuple[ModelConfig, str, float] | None = field(default=None, init=False, repr=False)
 
     def predictor_for(self, job) -> Predictor:
         config = ModelConfig(model=job.model, weights=job.weights, threshold=job.threshold,
@@ -167,8 +172,16 @@ class ChunkProcessor:
             if self._predictor is not None:
                 self._predictor.close()
             self._predictor = None          # free the old model before loading the next
+            failure = self._load_failure
+            if failure and failure[0] == config and time.monotonic() - failure[2] < LOAD_FAILURE_MEMORY_SECONDS:
+                raise WeightsError(failure[1])
             started = time.perf_counter()
-            self._predictor = Predictor(config)
+            try:
+                self._predictor = Predictor(config)
+            except (WeightsError, ValueError) as exc:
+                self._load_failure = (config, str(exc), time.monotonic())
+                raise
+            self._load_failure = None
             metrics.model_loaded(config.model, time.perf_counter() - started)
         return self._predictor
 
