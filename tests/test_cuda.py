@@ -81,8 +81,11 @@ def test_batches_on_cuda_give_the_cpu_batch_results(weights_file, images):
         assert agreement(c, g) > 0.99
 
 
-def test_threaded_postprocessing_gives_the_serial_results(weights_file, images):
-    p = predictor(weights_file, "cuda", batch_size=3)
+@pytest.mark.parametrize("batch_size", [3, 1])
+def test_threaded_postprocessing_gives_the_serial_results(weights_file, images, batch_size):
+    """Threads on streams of their own; at batch size 1 each batch's postprocessing also overlaps
+    the next batch's model (Predictor.predict_batches)."""
+    p = predictor(weights_file, "cuda", batch_size=batch_size)
     assert p._postprocess_pool is not None
     threaded = p.predict(images)
     p._postprocess_pool = None
