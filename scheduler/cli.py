@@ -43,7 +43,8 @@ def model_options(func):
         click.option("--weights", default="official", show_default=True,
                      help="official (published checkpoint, cached by torch hub), random (seeded, for smoke "
                           "runs), a local path, s3://bucket/key or an https:// URL."),
-        click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+        click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT_THRESHOLD,
+                     show_default=True,
                      help="Keep queries whose class confidence is above this."),
         click.option("--batch-size", type=BATCH_SIZE, default="auto", show_default=True,
                      help="Images per forward pass, or auto: 16 on CUDA, 1 on the CPU."),
@@ -164,6 +165,15 @@ def warn_if_nothing_found(status, includes) -> None:
         click.echo(f"warning: no images found under {mask_url(status.source)} (files ending in {wanted}, in any case)", err=True)
 
 
+def check_worker_settings(device: str, precision: str) -> None:
+    """Refuse a device or precision this machine cannot run before any job is touched."""
+    from worker.predictor import check_device
+    try:
+        check_device(device, precision)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def open_store():
     from storage.jobs import JobStore
     return JobStore()
@@ -206,6 +216,7 @@ def run(source, dest, chunk_size, includes, name, force, **options):
 
     from .submit import SubmitError, submit as submit_job
 
+    check_worker_settings(options["device"], options["precision"])
     spec = job_spec(source, dest, chunk_size, includes, name, options)
     store = open_store()
     chunks: list[tuple[str, list[int]]] = []
@@ -259,6 +270,7 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
 
     from .dispatch import start_reaper_thread
 
+    check_worker_settings(device, precision)
     os.environ["PANOPTIC_DEVICE"] = device
     os.environ["PANOPTIC_PRECISION"] = precision
     configure_logging(log_format, loglevel)

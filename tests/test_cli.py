@@ -161,3 +161,24 @@ def test_a_source_without_images_is_a_job_of_none_with_a_warning(tmp_path):
     assert result.returncode == 0, result.stderr               # valid: a nightly run may find nothing new
     assert "warning: no images found under" in result.stderr and "--include *.JPG" in result.stderr
     assert "0 of 0 succeeded" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "1.5"], "1.5 is not in the range 0<=x<1"),
+    (["--precision", "bf16", "--device", "cpu"], "--precision bf16 needs a CUDA device"),
+    (["--device", "gpu"], "--device gpu: not a device"),
+])
+def test_run_refuses_settings_it_cannot_run_before_making_a_job(tmp_path, args, message):
+    write_images(tmp_path / "in")
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+    result = panoptic_batch("run", "in", "--dest", "out", "--weights", "random", *args, env=env, cwd=tmp_path)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    listed = panoptic_batch("status", "--json", env=env, cwd=tmp_path)
+    assert json.loads(listed.stdout) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_worker_that_cannot_run_its_device_does_not_start():
+    """Else it would take chunks and fail every image of them."""
+    env = dict(os.environ, PANOPTIC_BROKER_URL="redis://127.0.0.1:1/0")    # never reached
+    result = panoptic_batch("worker", "--device", "cpu", "--precision", "fp16", env=env)
+    assert result.returncode == 1 and "--precision fp16 needs a CUDA device" in result.stderr

@@ -18,7 +18,7 @@ from .model import create_model
 from .postprocess import start_postprocess
 from .preprocess import image_tensor, pad_batch, processed_size
 
-__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "resolve_device", "resolve_batch_size"]
+__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device", "resolve_device", "resolve_batch_size"]
 
 # Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
 # than 32 in fp32 and within 10-12% of it in tf32/bf16, at 3.3-5.6 GiB of GPU memory (32 in fp32:
@@ -43,23 +43,36 @@ def resolve_device(name: str) -> torch.device:
     """"auto" → the first CUDA device if there is one, else the CPU; others as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def check_device(device: str, precision: str) -> torch.device:
+    """The device a worker or `run` would use, or a ValueError that says why it cannot: checked
+    before any job is touched, so that a misconfigured worker fails to start instead of failing
+    every image it takes."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    resolved = resolve_device(device)
+    if resolved.type != "cuda" and precision not in ("fp32", "tf32"):
+        raise ValueError(f"--precision {precision} needs a CUDA device; the CPU runs fp32")
+    return resolved
 
 
 class Predictor:
     def __init__(self, config: ModelConfig):
-        if config.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
         if not 0.0 <= config.threshold < 1.0:
             raise ValueError(f"--threshold must be in [0, 1), not {config.threshold}")
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = check_device(config.device, config.precision)
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
-        if self.device.type != "cuda" and config.precision not in ("fp32", "tf32"):
-            raise ValueError(f"--precision {config.precision} needs a CUDA device; the CPU runs fp32")
         self.model = create_model(config.model, weights=config.weights).to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
