@@ -270,7 +270,6 @@ def _pg_text_array(values: list[str]):
     return bindparam(None, values, type_=ARRAY(Text))
 
 
-@functools.cache
 def _clip_error(error) -> str:
     text = str(error)
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS] + "… (truncated)"
@@ -288,6 +287,7 @@ def _insert_new_images(conn: Connection, rows: list[dict[str, Any]]) -> list[int
     return sorted(conn.scalars(stmt, rows).all())
 
 
+@functools.cache
 def _pg_insert_images():
     """PostgreSQL: ``INSERT INTO images … SELECT … FROM unnest(:keys, :uris, :etags, :sizes)
     ON CONFLICT (job_id, key) DO NOTHING RETURNING id``, the per-batch values bound as arrays."""
