@@ -10,6 +10,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 from PIL import Image
 
@@ -18,7 +19,8 @@ from .model import create_model
 from .postprocess import start_postprocess
 from .preprocess import image_tensor, pad_batch, processed_size
 
-__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device", "resolve_device", "resolve_batch_size"]
+__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device",
+           "resolve_device", "resolve_batch_size"]
 
 # Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
 # than 32 in fp32 and within 10-12% of it in tf32/bf16, at 3.3-5.6 GiB of GPU memory (32 in fp32:
@@ -152,6 +154,9 @@ class Predictor:
             if pending is not None:
                 yield pending.results()
             pending = started
+            if pending.done():          # postprocessed in line (CPU): nothing to overlap
+                yield pending.results()
+                pending = None
         if pending is not None:
             yield pending.results()
 
