@@ -316,7 +316,7 @@ def retry(job_id):
     except JobStateError as exc:
         raise click.ClickException(str(exc)) from exc
     requeue(store, Dispatcher(), job.id, ids)
-    left = store.job(job.id).failed
+    left = sum(1 for image in store.images(job.id, state="failed") if (image.error or "").startswith(OUTPUT_CONFLICT))
     click.echo(f"job {job.id}: {len(ids)} failed images queued again"
                + (f"; {left} left failed: their outputs would overwrite another image's" if left else ""))
 
