@@ -632,3 +632,24 @@ def test_a_password_in_a_weights_url_is_never_stored(store):
     """submit refuses such URLs; the store masks them anyway for any other caller."""
     job_id, _ = new_job(store, weights="https://reader:s3cret@host/detr.pth")
     assert store.job(job_id).weights == "https://reader:***@host/detr.pth"
+
+
+def test_images_failed_at_submission_count_and_can_be_kept_failed_by_retry(store):
+    job_id = store.create_job(name="t", source="s3://in/p", dest="s3://out/s", model="detr-r50", weights="random",
+                              threshold=0.85, min_size=800, max_size=1333)
+    ids = [i for batch in store.add_images(job_id, entries(3)) for i in batch]
+    failed = store.add_failed_images(job_id, [("a.png", "s3://in/p/a.png", "e1", 5, "output conflict: a.jpg"),
+                                              ("b.png", "s3://in/p/b.png", None, None, "x" * 30_000)])
+    assert len(failed) == 2 and not set(failed) & set(ids)
+    assert store.add_failed_images(job_id, [("a.png", "s3://in/p/a.png", "e1", 5, "again")]) == []   # known key
+    store.finalize_submission(job_id)
+    status = store.job(job_id)
+    assert (status.total, status.failed, status.pending, status.state) == (5, 2, 3, "pending")
+    errors = {r.key: r.error for r in store.images(job_id, state="failed")}
+    assert errors["a.png"] == "output conflict: a.jpg" and errors["b.png"].endswith("… (truncated)")
+    for image_id in ids:
+        process(store, image_id)
+    assert store.job(job_id).state == "partial"
+    assert store.reset_failed(job_id, unless_error_starts="output conflict:") == [failed[1]]
+    status = store.job(job_id)
+    assert (status.failed, status.pending, status.state) == (1, 1, "running")
