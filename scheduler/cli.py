@@ -165,8 +165,32 @@ def warn_if_nothing_found(status, includes) -> None:
         click.echo(f"warning: no images found under {mask_url(status.source)} (files ending in {wanted}, in any case)", err=True)
 
 
-def check_worker_settings(device: str, precision: str) -> None:
-    """Refuse a device or precision this machine cannot run before any job is touched."""
+_CHECK_DEVICE = """
+import sys
+from worker.predictor import check_device
+try:
+    check_device(sys.argv[1], sys.argv[2])
+except ValueError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def check_worker_settings(device: str, precision: str, before_fork: bool = False) -> None:
+    """Refuse a device or precision this machine cannot run before any job is touched.
+
+    `before_fork`: this process forks the processes that will use the GPU (Celery's pool), so it
+    must not touch CUDA itself — a CUDA runtime initialised before a fork is unusable in the
+    children — and a device other than the CPU is checked in a short-lived process instead."""
+    if before_fork and device != "cpu":
+        import subprocess
+        result = subprocess.run([sys.executable, "-c", _CHECK_DEVICE, device, precision],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode == 3:
+            raise click.ClickException(result.stdout.strip())
+        if result.returncode != 0:
+            raise click.ClickException(f"cannot check --device {device}: {result.stderr.strip()[-2000:]}")
+        return
     from worker.predictor import check_device
     try:
         check_device(device, precision)
@@ -270,7 +294,7 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
 
     from .dispatch import start_reaper_thread
 
-    check_worker_settings(device, precision)
+    check_worker_settings(device, precision, before_fork=True)
     os.environ["PANOPTIC_DEVICE"] = device
     os.environ["PANOPTIC_PRECISION"] = precision
     configure_logging(log_format, loglevel)

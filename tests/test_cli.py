@@ -177,8 +177,27 @@ def test_run_refuses_settings_it_cannot_run_before_making_a_job(tmp_path, args, 
     assert json.loads(listed.stdout) == [] and not (tmp_path / "out").exists()
 
 
-def test_a_worker_that_cannot_run_its_device_does_not_start():
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
+    (["--device", "gpu"], "--device gpu: not a device"),              # checked in a process of its own
+])
+def test_a_worker_that_cannot_run_its_device_does_not_start(args, message):
     """Else it would take chunks and fail every image of them."""
     env = dict(os.environ, PANOPTIC_BROKER_URL="redis://127.0.0.1:1/0")    # never reached
-    result = panoptic_batch("worker", "--device", "cpu", "--precision", "fp16", env=env)
-    assert result.returncode == 1 and "--precision fp16 needs a CUDA device" in result.stderr
+    result = panoptic_batch("worker", *args, env=env)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+def test_the_worker_checks_a_gpu_without_touching_cuda_in_the_process_that_forks(monkeypatch):
+    """CUDA initialised in Celery's main process would be unusable in the pool processes it forks."""
+    import torch
+    from scheduler.cli import check_worker_settings
+
+    def poisoned(*args, **kwargs):
+        raise AssertionError("CUDA queried in the process that forks the workers")
+
+    monkeypatch.setattr(torch.cuda, "is_available", poisoned)
+    monkeypatch.setattr(torch.cuda, "device_count", poisoned)
+    check_worker_settings("auto", "fp32", before_fork=True)                 # fine on any machine
+    with pytest.raises(Exception, match="not a device"):
+        check_worker_settings("gpu", "fp32", before_fork=True)
