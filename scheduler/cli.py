@@ -260,6 +260,9 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
         if type(exc).__name__ in ("WeightsError", "ValueError"):
             raise click.ClickException(str(exc)) from exc
+        if type(exc).__name__ == "DeviceFailure":
+            raise click.ClickException(f"device failure: {exc}; the job's unfinished images are pending again: "
+                                       "run again once the device works (done images are skipped)") from exc
         raise
     status = store.job(job_id)
     warn_if_nothing_found(status, includes)
@@ -290,13 +293,14 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
     import os
 
     from worker.logs import configure as configure_logging
-    from worker.queue import DEFAULT_QUEUE, app
+    from worker.queue import DEFAULT_QUEUE, MAIN_PID_ENV, app
 
     from .dispatch import start_reaper_thread
 
     check_worker_settings(device, precision, before_fork=True)
     os.environ["PANOPTIC_DEVICE"] = device
     os.environ["PANOPTIC_PRECISION"] = precision
+    os.environ[MAIN_PID_ENV] = str(os.getpid())         # a pool process whose device fails stops us
     configure_logging(log_format, loglevel)
     if metrics_port is not None:
         from worker.metrics_server import serve as serve_metrics

@@ -357,3 +357,30 @@ def test_a_batch_the_model_cannot_run_is_retried_image_by_image(tmp_path, monkey
     (failed,) = store.images(job_id, state="failed")
     assert failed.key == "img5.jpg" and "this one image is too much" in failed.error
     assert max(calls) > 1 and calls.count(1) == 6          # a batch tried, then each image alone
+
+
+def test_a_device_failure_gives_the_chunk_back_instead_of_failing_its_images(tmp_path, monkeypatch):
+    """An illegal memory access leaves a CUDA context unusable: every later batch would fail too.
+    Out of memory is no such failure (the batch is retried image by image, tested above)."""
+    from worker.pipeline import ChunkProcessor, DeviceFailure, is_device_failure
+    from worker.predictor import Predictor
+
+    store, job_id, chunks = _chunk_job(tmp_path, [(64, 48)] * 6, batch_size=2)
+    start_batch = Predictor.start_batch
+    calls = []
+
+    def failing_later(self, images):
+        calls.append(len(images))
+        if len(calls) > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return start_batch(self, images)
+
+    monkeypatch.setattr(Predictor, "start_batch", failing_later)
+    ((job, ids),) = chunks
+    with pytest.raises(DeviceFailure, match="illegal memory access"):
+        ChunkProcessor(store, device="cpu").process(job, ids)
+    assert calls == [2, 2]                                  # no image-by-image retry on the broken device
+    status = store.job(job_id)
+    assert (status.succeeded, status.failed, status.pending) == (2, 0, 4)   # the first batch is kept
+    assert all(row.attempts == 0 for row in store.images(job_id, state="pending"))
+    assert not is_device_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))

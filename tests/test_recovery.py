@@ -236,6 +236,48 @@ def test_job_survives_workers_killed_mid_chunk(job_env, s3_bucket, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# a'. a worker whose device fails for good stops itself and hands its chunk on
+
+# Loaded by every Python process that has the folder on its path (site.py imports sitecustomize):
+# the worker's main process imports it before forking its pool, so the pool's model passes fail
+# as a GPU's do after an illegal memory access. The worker's own code is untouched.
+BROKEN_DEVICE = """
+import worker.predictor
+
+def start_batch(self, images):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test)")
+
+worker.predictor.Predictor.start_batch = start_batch
+"""
+
+
+def test_a_worker_whose_device_fails_stops_and_loses_nothing(job_env, s3_bucket, tmp_path):
+    env, queue, store = job_env
+    files = tiny_images(6, seed=4)
+    upload(s3_bucket, files)
+    job_id = submit(env, s3_bucket, queue)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "sitecustomize.py").write_text(BROKEN_DEVICE)
+    broken = start_worker(dict(env, PYTHONPATH=str(tmp_path / "broken")), queue, tmp_path / "broken.log")
+    try:
+        broken.wait(120)                        # it stops by itself
+    finally:
+        kill_group(broken)
+    log = (tmp_path / "broken.log").read_text(errors="replace")
+    assert "device failure, stopping this worker: CUDA error: an illegal memory access" in log, log[-3000:]
+    status = store.job(job_id)
+    assert (status.failed, status.succeeded, status.pending) == (0, 0, len(files)), status
+    assert all(row.attempts == 0 for row in store.images(job_id))   # given back, the attempt not counted
+
+    healthy = start_worker(env, queue, tmp_path / "healthy.log")     # the chunk's message is back in the queue
+    try:
+        wait_for(store, job_id, finished, 120, "the job finished", [tmp_path / "healthy.log"])
+    finally:
+        stop_worker(healthy)
+    check_job(env, store, job_id, s3_bucket, files)
+
+
+# ---------------------------------------------------------------------------------------------
 # b. the broker restarts mid-job and forgets its queues
 
 

@@ -22,6 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+import torch
 from PIL import Image
 
 from storage import objects
@@ -54,6 +55,23 @@ RECORD_BATCH = 32
 # the chunks that follow fail at once with the same reason, instead of each reading the same
 # (often large, often remote) weights again. Later chunks try again, in case the cause is gone.
 LOAD_FAILURE_MEMORY_SECONDS = 60.0
+
+
+class DeviceFailure(RuntimeError):
+    """The accelerator failed in a way that every later batch would too (e.g. an illegal memory
+    access leaves the CUDA context unusable). The chunk's unfinished images were given back; the
+    process must stop rather than fail every image it would take next."""
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error that poisons the device for this process. Running out of memory is not one:
+    the batch is retried image by image."""
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())      # torch >= 2.8
+    return isinstance(exc, accelerator_error) or any(
+        sign in text for sign in ("CUDA error", "CUDA driver initialization failed", "No CUDA GPUs are available"))
 
 
 def lease_seconds() -> float:
@@ -181,6 +199,10 @@ class ChunkProcessor:
             except (WeightsError, ValueError) as exc:
                 self._load_failure = (config, str(exc), time.monotonic())
                 raise
+            except Exception as exc:
+                if is_device_failure(exc):
+                    raise DeviceFailure(f"loading the model: {exc}") from exc
+                raise
             self._load_failure = None
             metrics.model_loaded(config.model, time.perf_counter() - started)
         return self._predictor
@@ -206,11 +228,18 @@ class ChunkProcessor:
         leases = _LeaseKeeper(self.store, token)
         recorder = _Recorder(self.store, token, lambda extra, recorded: self._recorded(job, leases, extra, recorded))
         outcomes: list[ImageOutcome] = []
+        claimed = []
         try:
             claimed = self._claim(image_ids, token, leases, outcomes)
             with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io", initializer=inherit_context()) as pool:
                 uploads = self._run_claimed(pool, job, predictor, claimed, token, leases, outcomes, recorder)
                 outcomes += [future.result() for future in uploads]
+        except DeviceFailure:
+            # The uploads already started have finished (leaving the pool waits for them) and are
+            # recorded; every other image goes back to pending, its attempt not counted.
+            for image in claimed:
+                self.store.release(image.id, token)
+            raise
         finally:
             leases.close()
         return outcomes
@@ -353,6 +382,8 @@ class ChunkProcessor:
                 raise pending
             results = pending.results()
         except Exception as exc:
+            if is_device_failure(exc):
+                raise DeviceFailure(str(exc)) from exc
             # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
             # so that only the image that cannot be processed fails.
             if len(good) == 1:

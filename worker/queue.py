@@ -8,7 +8,9 @@ from the database claims in `worker.pipeline`, not from Celery.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -24,6 +26,10 @@ VISIBILITY_TIMEOUT_S = 4 * 3600
 # A chunk that runs past these is stopped (soft: finishes cleanly; hard: the process is killed).
 SOFT_TIME_LIMIT_S = 3 * 3600
 TIME_LIMIT_S = SOFT_TIME_LIMIT_S + 300
+# Exit status of a pool process that stops on a device failure (EX_SOFTWARE).
+EXIT_DEVICE_FAILURE = 70
+# Set by `panoptic-batch worker`: the pid of Celery's main process, which a device failure stops.
+MAIN_PID_ENV = "PANOPTIC_WORKER_MAIN_PID"
 
 
 def broker_url() -> str:
@@ -88,6 +94,25 @@ def processor():
 @app.task(name=TASK_NAME)
 def process_chunk(job_id: str, image_ids: list[int]) -> dict:
     from .metrics import track_chunk      # log context (job, chunk, images), chunk metrics and log line
-    with track_chunk(job_id, image_ids, process_chunk.request.id) as chunk:
-        outcomes = chunk.outcomes = processor().process(job_id, image_ids)
+    from .pipeline import DeviceFailure
+    try:
+        with track_chunk(job_id, image_ids, process_chunk.request.id) as chunk:
+            outcomes = chunk.outcomes = processor().process(job_id, image_ids)
+    except DeviceFailure as exc:
+        _stop_worker(exc)
     return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
+
+
+def _stop_worker(failure: Exception) -> None:
+    """A device that fails for good would fail every image this worker takes: stop the whole
+    worker (a warm shutdown of Celery's main process; a supervisor or Docker's restart policy
+    starts it again, and its start-up check refuses a device that is gone) and end this pool
+    process at once, so that the chunk's message goes back to the queue (late acks, rejected on a
+    lost worker) for a healthy worker. The chunk's unfinished images are pending again already."""
+    logging.getLogger(__name__).critical("device failure, stopping this worker: %s", failure)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    main_pid = int(os.environ.get(MAIN_PID_ENV) or 0)
+    if main_pid and main_pid != os.getpid():
+        os.kill(main_pid, signal.SIGTERM)
+    os._exit(EXIT_DEVICE_FAILURE)
