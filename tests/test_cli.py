@@ -201,3 +201,24 @@ def test_the_worker_checks_a_gpu_without_touching_cuda_in_the_process_that_forks
     check_worker_settings("auto", "fp32", before_fork=True)                 # fine on any machine
     with pytest.raises(Exception, match="not a device"):
         check_worker_settings("gpu", "fp32", before_fork=True)
+
+
+def test_run_stops_on_a_device_failure_and_leaves_the_images_pending(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from scheduler.cli import main
+    from storage.jobs import JobStore
+    from worker.predictor import Predictor
+
+    def broken(self, images):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    write_images(tmp_path / "in")
+    monkeypatch.setattr(Predictor, "start_batch", broken)
+    monkeypatch.setenv("PANOPTIC_DATABASE_URL", f"sqlite:///{tmp_path / 'jobs.db'}")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "in"), "--dest", str(tmp_path / "out"),
+                                       "--weights", "random", "--model", "detr-r50", "--min-size", "64",
+                                       "--max-size", "96", "--device", "cpu"])
+    assert result.exit_code == 1 and "device failure: CUDA error: an illegal memory access" in result.output
+    (job,) = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}").jobs()
+    assert (job.pending, job.failed, job.succeeded) == (2, 0, 0)
