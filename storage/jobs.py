@@ -799,10 +799,13 @@ class JobStore:
 
         return self._write(tx)
 
-    def release(self, image_id: int, token: str) -> bool:
-        """Give a claimed, unprocessed image back (pending again; the claim's attempt is not counted)."""
+    def release(self, image_id: int, token: str, count_attempt: bool = False) -> bool:
+        """Give a claimed, unprocessed image back (pending again). The claim's attempt is not
+        counted unless ``count_attempt`` (the image may have been why its worker failed)."""
         _check_token(token)
         now = utcnow()
+        attempts = images_t.c.attempts if count_attempt else case((images_t.c.attempts > 0, images_t.c.attempts - 1),
+                                                                 else_=0)
 
         def tx(conn: Connection) -> bool:
             result = conn.execute(
@@ -810,7 +813,7 @@ class JobStore:
                 .where(images_t.c.id == image_id, images_t.c.lease_token == token,
                        images_t.c.state == "running")
                 .values(state="pending", lease_token=None, lease_expires_at=None, updated_at=now,
-                        attempts=case((images_t.c.attempts > 0, images_t.c.attempts - 1), else_=0)))
+                        attempts=attempts))
             return result.rowcount == 1
 
         return self._write(tx)

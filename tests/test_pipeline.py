@@ -382,5 +382,5 @@ def test_a_device_failure_gives_the_chunk_back_instead_of_failing_its_images(tmp
     assert calls == [2, 2]                                  # no image-by-image retry on the broken device
     status = store.job(job_id)
     assert (status.succeeded, status.failed, status.pending) == (2, 0, 4)   # the first batch is kept
-    assert all(row.attempts == 0 for row in store.images(job_id, state="pending"))
+    assert all(row.attempts == 1 for row in store.images(job_id, state="pending"))   # counted: see below
     assert not is_device_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))

@@ -236,9 +236,11 @@ class ChunkProcessor:
                 outcomes += [future.result() for future in uploads]
         except DeviceFailure:
             # The uploads already started have finished (leaving the pool waits for them) and are
-            # recorded; every other image goes back to pending, its attempt not counted.
+            # recorded; every other image goes back to pending. Its attempt counts: should an
+            # image itself break the device (a device-side assert), its chunk fails after
+            # max_attempts() instead of stopping every worker that takes it, for ever.
             for image in claimed:
-                self.store.release(image.id, token)
+                self.store.release(image.id, token, count_attempt=True)
             raise
         finally:
             leases.close()
@@ -324,7 +326,7 @@ class ChunkProcessor:
                 # Every earlier attempt lost its worker (a crash, the OOM killer): stop here
                 # instead of taking down workers forever.
                 error = (f"gave up after {image.attempts - 1} attempts: the worker processing this image "
-                         f"was lost each time (crash or out of memory?)")
+                         f"was lost each time (crash, out of memory, or a failed device?)")
                 outcomes.append(self._fail(image.id, token, leases, error, image.key))
                 continue
             leases.hold(image.id)
