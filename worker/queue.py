@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import NoReturn
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -103,7 +104,7 @@ def process_chunk(job_id: str, image_ids: list[int]) -> dict:
     return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
 
 
-def _stop_worker(failure: Exception) -> None:
+def _stop_worker(failure: Exception) -> NoReturn:
     """A device that fails for good would fail every image this worker takes: stop the whole
     worker (a warm shutdown of Celery's main process; a supervisor or Docker's restart policy
     starts it again, and its start-up check refuses a device that is gone) and end this pool
