@@ -453,13 +453,12 @@ def _watch(store, job_id: str, interval: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(job_id, as_json):
     """Per-class statistics of a job's succeeded images: segments, images, pixels."""
-    from worker.categories import category_name, isthing
+    from .report import class_rows
 
     store = open_store()
     job = _find_job(store, job_id)
-    rows = [{"category_id": r["category_id"], "category_name": category_name(r["category_id"]),
-             "isthing": isthing(r["category_id"]), "segments": r["segments"], "images": r["images"],
-             "pixels": r["pixels"]} for r in store.class_stats(job.id)]
+    fields = ("category_id", "category_name", "isthing", "segments", "images", "pixels")
+    rows = [{name: row[name] for name in fields} for row in class_rows(store, job.id)]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
