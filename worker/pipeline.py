@@ -35,7 +35,7 @@ from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
 from .overlay import write_overlay
-from .predictor import ModelConfig, Predictor
+from .predictor import ModelConfig, PendingBatch, Predictor
 from .preprocess import check_bytes, decode_image
 
 log = logging.getLogger(__name__)
@@ -366,22 +366,23 @@ class ChunkProcessor:
             in_flight.append((self._start(predictor, good), good))
         futures = []
         # Keep in flight only a batch still being postprocessed (CUDA), and only the newest.
-        while in_flight and (len(in_flight) > 1 or isinstance(in_flight[0][0], Exception) or in_flight[0][0].done()):
+        while in_flight and (len(in_flight) > 1 or in_flight[0][0].done()):
             futures += self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder)
         return futures
 
     @staticmethod
-    def _start(predictor, good):
-        """The batch's PendingBatch, or the exception its model pass raised (dealt with when collected)."""
+    def _start(predictor, good) -> PendingBatch:
+        """The batch's PendingBatch; if its model pass raised, one whose results() raises that
+        (dealt with when collected, like a failure in postprocessing)."""
         try:
             return predictor.start_batch([d.image for d in good])
         except Exception as exc:
-            return exc
+            failed = Future()
+            failed.set_exception(exc)
+            return PendingBatch([failed], 0.0, time.perf_counter())
 
     def _collect(self, pool, job, predictor, pending, good, token, leases, outcomes, recorder) -> list[Future]:
         try:
-            if isinstance(pending, Exception):
-                raise pending
             results = pending.results()
         except Exception as exc:
             if is_device_failure(exc):
