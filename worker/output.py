@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .text import BIDI_CONTROLS  # they make "x\u202egnp.jpg" display as "xgpj.png" (spoofing)
+
 MAX_ID = 256 ** 3 - 1
 SEGMENT_KEYS = ("id", "category_id", "category_name", "isthing", "area", "bbox", "score", "iscrowd")
-# Unicode's explicit bidirectional formatting characters: they make "x\u202egnp.jpg" display as
-# "xgpj.png" (filename spoofing).
-_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
@@ -121,7 +120,7 @@ def output_stem(key: str) -> str:
     separator on Windows) are refused with a ValueError that says why.
     """
     text = unicodedata.normalize("NFC", key)
-    bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in _BIDI_CONTROLS})
+    bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS})
     if bad:
         shown = ", ".join("backslash" if c == "\\" else f"U+{ord(c):04X}" for c in bad)
         raise ValueError(f"unsafe image key {key!r}: it contains {shown} (control characters, bidirectional "
