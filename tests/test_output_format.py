@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +112,52 @@ def test_png_of_coco_map_is_no_larger_than_pillows_and_lossless(path):
     with Image.open(io.BytesIO(png)) as im:
         assert (im.format, im.mode) == ("PNG", "RGB")
         assert np.array_equal(rgb2id(np.asarray(im)), id_map)      # panopticapi reads the ids back
+
+
+# Draws each PNG (a data: URL, which leaves the canvas readable) into a canvas and writes what the
+# browser decoded into the DOM, which --dump-dom prints: size, opaque or not, and a checksum.
+BROWSER_PROBE = """<!doctype html><body><pre id="probe"></pre><script>
+const pngs = %s;
+Promise.all(pngs.map((src) => new Promise((resolve) => {
+  const im = new Image();
+  im.onload = () => {
+    const canvas = document.createElement("canvas");
+    canvas.width = im.naturalWidth; canvas.height = im.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(im, 0, 0);
+    const rgba = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let checksum = 0, opaque = true;
+    for (let p = 0, i = 0; p < rgba.length; p += 4) {
+      for (let c = 0; c < 3; c++, i++) checksum += rgba[p + c] * (i %% 65521 + 1);
+      opaque = opaque && rgba[p + 3] === 255;
+    }
+    resolve([canvas.width, canvas.height, opaque, checksum]);
+  };
+  im.onerror = () => resolve("undecodable");
+  im.src = src;
+}))).then((seen) => { document.getElementById("probe").textContent = JSON.stringify(seen); });
+</script></body>"""
+
+
+def _rgb_checksum(id_map: np.ndarray) -> int:
+    values = id_to_rgb(id_map).reshape(-1).astype(np.int64)
+    return int((values * (np.arange(values.size) % 65_521 + 1)).sum())
+
+
+def test_png_decodes_to_the_same_pixels_in_headless_chromium(tmp_path):
+    from tests.test_report import headless
+    outputs, _ = synthetic_batch(5, [(800, 1066)], [30])
+    id_maps = [_coco_id_map(path) for path in PANOPTIC_MAPS]
+    id_maps.append(panoptic_postprocess(outputs, [(800, 1066)], [(480, 640)])[0]["id_map"])
+    sources = ["data:image/png;base64," + base64.b64encode(encode_id_png(m)).decode() for m in id_maps]
+    page = tmp_path / "pngs.html"
+    page.write_text(BROWSER_PROBE % json.dumps(sources), encoding="utf-8")
+    dump = headless(["--virtual-time-budget=10000", "--dump-dom", page.as_uri()], tmp_path / "profile")
+    assert dump.returncode == 0, dump.stderr[-3000:]
+    found = re.search(r'<pre id="probe">(.+?)</pre>', dump.stdout, re.S)
+    assert found, f"the page did not finish: {dump.stdout[-2000:]} {dump.stderr[-2000:]}"
+    expected = [[m.shape[1], m.shape[0], True, _rgb_checksum(m)] for m in id_maps]
+    assert json.loads(html.unescape(found.group(1))) == expected
 
 
 def test_png_deflates_with_zlib_ng_when_it_is_installed():
