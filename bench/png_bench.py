@@ -217,26 +217,27 @@ def explore(maps: dict[str, np.ndarray], repeats: int) -> None:
         print("(isal not installed: pip install isal)")
     filters = ["none", "sub", "up", "paeth", "minsum"]
     columns = [(lib, level) for lib, (_, levels) in compressors.items() for level in levels]
-    print("\n--explore: PNG bytes / Pillow's and time / before's (filter and deflate timed apart, "
-          f"medians of {repeats}: rougher than the table above), the median over the maps and "
-          "[the worst map] of each")
+    print(f"\n--explore: PNG bytes / Pillow's and time (filter + deflate) / before's ({repeats} rounds "
+          "interleaved with the previous encoder, median of the per-round ratios), the median over "
+          "the maps and [the worst map] of each")
     print("| filter | " + " | ".join(f"{lib} {level}" for lib, level in columns) + " |")
     print("|---|" + "---|" * len(columns))
     stats = {(f, c): ([], []) for f in filters for c in columns}
     for id_map in maps.values():
         pillow_bytes = len(encode_pillow(id_map))
-        before_s = statistics.median(timed_rounds({"b": encode_before}, id_map, repeats)["b"])
         for how in filters:
             rows = filter_rows(id_map, how)
-            filter_s = statistics.median(timed_rounds({"f": lambda m: filter_rows(m, how)}, id_map, repeats)["f"])
+            candidates = {"before": encode_before}
             for lib, level in columns:
                 compress = compressors[lib][0]
                 data = compress(rows, level)
                 assert zlib.decompress(data) == rows.tobytes()
-                t = statistics.median(timed_rounds({"c": lambda _: compress(rows, level)}, id_map, repeats)["c"])
                 png_bytes = len(_png(id_map.shape[1], id_map.shape[0], data))
                 stats[how, (lib, level)][0].append(png_bytes / pillow_bytes)
-                stats[how, (lib, level)][1].append((filter_s + t) / before_s)
+                candidates[lib, level] = lambda m, c=compress, lv=level, h=how: c(filter_rows(m, h), lv)
+            times = timed_rounds(candidates, id_map, repeats)
+            for column in columns:
+                stats[how, column][1].append(paired_ratio(times[column], times["before"]))
     for how in filters:
         cells = []
         for column in columns:
