@@ -14,6 +14,7 @@ from worker.config import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SI
 from worker.queue import broker_url
 from storage.objects import mask_url
 
+from .jobstore import find_job, open_store
 from .submit import DEFAULT_CHUNK_SIZE
 
 
@@ -198,11 +199,6 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
         raise click.ClickException(str(exc)) from exc
 
 
-def open_store():
-    from storage.jobs import JobStore
-    return JobStore()
-
-
 @main.command()
 @job_options
 @click.option("--queue", default=None, help="Broker queue for this job's tasks (default: panoptic); "
@@ -320,7 +316,7 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
 def cancel(job_id):
     """Cancel a job: queued chunks are dropped, running ones stop before their next image."""
     store = open_store()
-    job = _find_job(store, job_id)
+    job = find_job(store, job_id)
     if store.cancel(job.id):
         click.echo(f"job {job.id} cancelled")
     else:
@@ -338,7 +334,7 @@ def retry(job_id):
     from .submit import OUTPUT_CONFLICT
 
     store = open_store()
-    job = _find_job(store, job_id)
+    job = find_job(store, job_id)
     try:
         ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT)
     except JobStateError as exc:
@@ -373,14 +369,6 @@ def _iso(moment):
     return moment.isoformat() if moment else None
 
 
-def _find_job(store, job_id):
-    from storage.jobs import JobNotFound
-    try:
-        return store.job(job_id)
-    except JobNotFound as exc:
-        raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
-
-
 @main.command()
 @click.argument("job_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -398,12 +386,12 @@ def status(job_id, as_json, watch, interval, list_failed):
     if watch:
         if not job_id or as_json or list_failed:
             raise click.UsageError("--watch needs a JOB_ID and does not combine with --json or --failed")
-        _watch(store, _find_job(store, job_id).id, interval)
+        _watch(store, find_job(store, job_id).id, interval)
         return
     if list_failed:
         if not job_id:
             raise click.UsageError("--failed needs a JOB_ID")
-        failed = store.images(_find_job(store, job_id).id, state="failed")
+        failed = store.images(find_job(store, job_id).id, state="failed")
         if as_json:
             click.echo(json.dumps([{"key": i.key, "uri": i.uri, "attempts": i.attempts, "error": i.error}
                                    for i in failed], indent=1))
@@ -411,7 +399,7 @@ def status(job_id, as_json, watch, interval, list_failed):
             for image in failed:
                 click.echo(f"{image.key}: {image.error}")
         return
-    statuses = [_find_job(store, job_id)] if job_id else store.jobs()
+    statuses = [find_job(store, job_id)] if job_id else store.jobs()
     if as_json:
         payload = [status_dict(s) for s in statuses]
         click.echo(json.dumps(payload[0] if job_id else payload, indent=1))
@@ -456,7 +444,7 @@ def stats(job_id, as_json):
     from .report import class_rows
 
     store = open_store()
-    job = _find_job(store, job_id)
+    job = find_job(store, job_id)
     fields = ("category_id", "category_name", "isthing", "segments", "images", "pixels")
     rows = [{name: row[name] for name in fields} for row in class_rows(store, job.id)]
     if as_json:

@@ -363,9 +363,9 @@ def evaluate_command(gt_json, gt_folder, job_id, pred_json, pred_folder, missing
     try:
         gt = load_ground_truth(gt_json, gt_folder)
         if job_id is not None:
-            from .cli import _find_job, open_store
+            from .jobstore import find_job, open_store
             store = open_store()
-            predictions = JobPredictions(store, _find_job(store, job_id).id, gt)
+            predictions = JobPredictions(store, find_job(store, job_id).id, gt)
         else:
             predictions = FilePredictions(pred_json, pred_folder)
         evaluation = evaluate(gt, predictions, missing)

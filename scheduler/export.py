@@ -176,11 +176,11 @@ def export_command(job_id, json_uri, png_folder, ids_from):
     """Write the succeeded images of JOB_ID as a COCO panoptic file (--out) plus its PNG folder."""
     from storage.objects import ObjectStoreError
 
-    from .cli import _find_job, open_store
+    from .jobstore import find_job, open_store
     from .evaluate import EvaluationError
 
     store = open_store()
-    job = _find_job(store, job_id)
+    job = find_job(store, job_id)
     try:
         summary = export_job(store, job.id, json_uri, png_folder, ids_from)
     except (ExportError, EvaluationError, ObjectStoreError) as exc:

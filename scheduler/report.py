@@ -444,10 +444,10 @@ def build_report(store: JobStore, job_id: str, out_dir: Path, max_images: int = 
 def report_command(job_id, out_dir, max_images):
     """Write a static HTML report of JOB_ID: summary, per-class statistics and charts, overlay
     thumbnails, failed images. Works offline (open OUT/index.html)."""
-    from .cli import _find_job, open_store
+    from .jobstore import find_job, open_store
 
     store = open_store()
-    job = _find_job(store, job_id)
+    job = find_job(store, job_id)
     try:
         result = build_report(store, job.id, out_dir, max_images=max_images)
     except OSError as exc:          # DIR not writable, disk full…

@@ -1,0 +1,22 @@
+"""The job database as a command opens it, and a job looked up for a command.
+
+Below cli.py, which registers evaluate, export and report as its commands: they use these too,
+and the command line itself is imported by nothing."""
+
+from __future__ import annotations
+
+import click
+
+
+def open_store():
+    from storage.jobs import JobStore
+    return JobStore()
+
+
+def find_job(store, job_id):
+    """The job with this id or unique id prefix; an unknown one is a one-line click error, not a traceback."""
+    from storage.jobs import JobNotFound
+    try:
+        return store.job(job_id)
+    except JobNotFound as exc:
+        raise click.ClickException(str(exc.args[0] if exc.args else exc)) from exc
