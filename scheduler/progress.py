@@ -20,10 +20,12 @@ RATE_WINDOW_S = 30.0
 PLAIN_EVERY_S = 10.0
 
 
-def format_eta(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
+    """A duration for people, the ETA here and a job's duration in `report`: "42s", "1m01s", "5h02m";
+    "–" when unknown (no rate yet). Negative durations (clocks of two machines) read as 0s."""
     if seconds is None:
         return "–"
-    seconds = int(round(seconds))
+    seconds = max(0, int(round(seconds)))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
@@ -88,7 +90,7 @@ class JobProgress:
             self.total = total
         self._done, self._failed = done, failed
         self.meter.add(done)
-        rate, eta = self.meter.rate, format_eta(self.meter.eta(self.total - done))
+        rate, eta = self.meter.rate, format_duration(self.meter.eta(self.total - done))
         rate_text = f"{rate:.2f} img/s" if rate is not None else "– img/s"
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=self.total, failed=failed, rate=rate_text, eta=eta)

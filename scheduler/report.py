@@ -174,17 +174,6 @@ def _when(moment: datetime | None) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
-
-
 def bar_chart_svg(rows: Sequence[dict], key: str, title: str, fmt=_short, limit: int = CHART_ROWS) -> str:
     """A horizontal bar chart of rows[key] as inline SVG: one bar per class, in its colour,
     the largest `limit` values."""
@@ -274,6 +263,8 @@ footer { color: var(--muted); font-size: 12px; padding: 0 32px 24px; }
 
 
 def _summary_html(job: JobStatus, scan: Scan) -> str:
+    from .progress import format_duration
+
     done = job.succeeded + job.failed
     wall = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
     skipped = job.config.get("skipped", 0)
@@ -301,7 +292,8 @@ def _summary_html(job: JobStatus, scan: Scan) -> str:
     ]
     timings = [
         ("created", esc(_when(job.created_at))), ("started", esc(_when(job.started_at))),
-        ("finished", esc(_when(job.finished_at))), ("duration", esc(_duration(wall))),
+        ("finished", esc(_when(job.finished_at))),
+        ("duration", esc(format_duration(wall) if wall is not None else "—")),
         ("throughput", esc(f"{job.rate:.2f} images/s")),
     ]
     for name in TIMING_FIELDS:

@@ -10,7 +10,7 @@ import time
 
 from rich.console import Console
 
-from scheduler.progress import JobProgress, RateMeter, format_eta
+from scheduler.progress import JobProgress, RateMeter, format_duration as format_eta
 from tests.test_pipeline import MODEL_ARGS, exe, generated_images
 
 
@@ -41,6 +41,11 @@ def test_rate_is_measured_over_the_recent_window():
 def test_eta_is_readable():
     assert [format_eta(s) for s in (None, 0, 42, 61, 3599, 3600 * 5 + 120)] == ["–", "0s", "42s", "1m01s",
                                                                                "59m59s", "5h02m"]
+
+
+def test_a_duration_between_two_machines_clocks_is_never_negative():
+    # The report's job duration is finished_at - started_at, stamped by different machines.
+    assert format_eta(-0.4) == "0s" and format_eta(-30) == "0s"
 
 
 def test_plain_lines_when_not_a_terminal_are_throttled():
