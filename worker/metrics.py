@@ -24,19 +24,23 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
+from storage.jobs import TIMING_FIELDS
+
 log = logging.getLogger(__name__)
 
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and values.ValueClass is values.MutexValue:
     # prometheus_client chose its value class when it was first imported; if that was before the
-    # worker set PROMETHEUS_MULTIPROC_DIR, choose again, before any metric below exists.
+    # worker set PROMETHEUS_MULTIPROC_DIR, choose again, before any metric below exists. The only
+    # place that does: `metrics_server.serve` sets the variable, then imports this module.
     values.ValueClass = values.MultiProcessValue()
 
 # Seconds, from a millisecond to ten minutes: a decode takes ms, a CPU forward pass seconds, a
 # download retried with backoff through an S3 outage up to about a minute.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0, 600.0)
-_TIMING_KEYS = {"download_decode": "decode_ms", "model": "model_ms", "postprocess": "postprocess_ms",
-                "upload": "upload_ms"}
+# The stage label of each timing the job store records per image (its names, less "_ms").
+_TIMING_KEYS = {("download_decode" if name == "decode_ms" else name.removesuffix("_ms")): name
+                for name in TIMING_FIELDS}
 
 IMAGES = Counter(
     "panoptic_images", "Images finished by this worker, by outcome: succeeded and failed are what the job "

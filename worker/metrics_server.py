@@ -33,8 +33,6 @@ DEFAULT_ADDR = "0.0.0.0"
 
 def prepare_multiprocess_dir() -> str:
     """Point PROMETHEUS_MULTIPROC_DIR (inherited by the pool processes) at an empty folder."""
-    from prometheus_client import values
-
     path = os.environ.get(MULTIPROC_ENV)
     if path:
         os.makedirs(path, exist_ok=True)
@@ -45,10 +43,7 @@ def prepare_multiprocess_dir() -> str:
         owner = os.getpid()
         atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
         os.environ[MULTIPROC_ENV] = path
-    if values.ValueClass is values.MutexValue:
-        # prometheus_client picks its value class when first imported, from this variable.
-        values.ValueClass = values.MultiProcessValue()
-    return path
+    return path           # importing worker.metrics now makes its values multiprocess ones
 
 
 class _LiveCollector:
