@@ -21,10 +21,10 @@ from PIL import Image
 from .text import BIDI_CONTROLS  # they make "x\u202egnp.jpg" display as "xgpj.png" (spoofing)
 
 try:
-    # zlib-ng: the same deflate stream format as zlib, about 3× faster at level 6 here (BENCHMARKS.md).
+    # zlib-ng: the same deflate stream format as zlib, 2–3× faster at level 6 here (BENCHMARKS.md).
     from zlib_ng.zlib_ng import compress as _deflate
     PNG_DEFLATE = "zlib-ng"
-except ImportError:       # an install without the dependency: a few percent more bytes, 2× the time
+except ImportError:       # an install without the dependency: a few percent more bytes, ~2× the time
     from zlib import compress as _deflate
     PNG_DEFLATE = "zlib"
 
@@ -63,13 +63,13 @@ def encode_id_png(id_map: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) 
 
     Written here rather than by Pillow, whose encoder tries all five PNG filters on every row.
     Measured by bench/png_bench.py on two COCO ground-truth maps and eight synthetic DETR maps
-    (BENCHMARKS.md, "PNG encoding"): 0.88–0.97× the bytes of Pillow's default encoder in about a
-    fifth of its time, and 0.53–0.76× the time of the previous encoder here (rows unfiltered, zlib
-    level 1), which wrote 2.0–2.8× Pillow's bytes. Up turns a segment's inside into runs of zeros;
-    Sub and a per-row choice (libpng's heuristic) gave more bytes, Paeth the same bytes 5–10× slower.
-    zlib-ng's levels 1–3 wrote up to 4.3× Pillow's bytes, 4 and 5 up to 0.98×, 6 up to 0.96× for a
-    few percent more time; isal (levels 0–3) wrote 1.6–2.7×. With zlib instead of zlib-ng (the
-    fallback), the bytes are within 1–4% of these and the time is 1.0–1.4× the previous encoder's.
+    (BENCHMARKS.md, "PNG encoding"): 0.88–0.97× the bytes of Pillow's default encoder in under a
+    third of its time, and 0.2–0.8× the time of the previous encoder here (rows unfiltered, zlib
+    level 1), which wrote 1.7–2.7× Pillow's bytes. Up turns a segment's inside into runs of zeros;
+    Sub and a per-row choice (libpng's heuristic) gave more bytes, Paeth as many bytes in 5× the
+    time. zlib-ng level 1 wrote up to 4.35× Pillow's bytes, levels 2–5 up to 1.04–0.97×, level 6 up
+    to 0.97× (2% fewer than 5, in a few percent more time); isal's best level wrote 1.6× (median). With
+    zlib instead of zlib-ng (the fallback), 0–5% more bytes in 1.0–1.6× the previous encoder's time.
     The deflate and numpy's array work run without the GIL, so postprocessing threads encode in
     parallel (tests/test_output_format.py checks that another thread keeps running).
     """
