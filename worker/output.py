@@ -67,9 +67,10 @@ def encode_id_png(id_map: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) 
     third of its time, and 0.2–0.8× the time of the previous encoder here (rows unfiltered, zlib
     level 1), which wrote 1.7–2.7× Pillow's bytes. Up turns a segment's inside into runs of zeros;
     Sub and a per-row choice (libpng's heuristic) gave more bytes, Paeth as many bytes in 5× the
-    time. zlib-ng level 1 wrote up to 4.35× Pillow's bytes, levels 2–5 up to 1.04–0.97×, level 6 up
-    to 0.97× (2% fewer than 5, in a few percent more time); isal's best level wrote 1.6× (median). With
-    zlib instead of zlib-ng (the fallback), 0–5% more bytes in 1.0–1.6× the previous encoder's time.
+    time. zlib-ng level 1 wrote up to 4.35× Pillow's bytes, levels 2–5 up to 1.04–0.97×, level 6
+    up to 0.97× (2% fewer than 5, in a few percent more time); isal's best level wrote 1.6×
+    (median). With zlib instead of zlib-ng (the fallback), 0–5% more bytes in 1.0–1.6× the
+    previous encoder's time.
     The deflate and numpy's array work run without the GIL, so postprocessing threads encode in
     parallel (tests/test_output_format.py checks that another thread keeps running).
     """
