@@ -6,7 +6,8 @@
 - ``s3_server`` (session): a private SeaweedFS ``weed mini`` S3 server on free ports, with the
   AWS_* environment pointing at it for the whole session (restored afterwards).
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server.
-- ``shared_dir`` (session): the ``shared/`` folder beside the repository (reference data).
+
+Test data lives in the repository (tests/paths.py), never beside it.
 """
 
 from __future__ import annotations
@@ -82,19 +83,6 @@ def s3_bucket(s3_server):
         s3_server.client().delete_bucket(Bucket=name)
     except Exception:
         pass
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """``shared/`` beside the repository (reference vectors, sample data, design notes)."""
-    path = Path(__file__).resolve().parents[2] / "shared"
-    if not path.is_dir():
-        pytest.fail(
-            f"shared folder not found at {path}: it must sit beside the repository "
-            "(../shared relative to the repository root)",
-            pytrace=False,
-        )
-    return path
 
 
 # --------------------------------------------------------------------------------------------

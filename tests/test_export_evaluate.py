@@ -1,8 +1,8 @@
 """Using the results: `export` (a job as a COCO panoptic file + PNG folder) and `evaluate` (PQ/SQ/RQ).
 
 `evaluate` must give panopticapi's numbers: every case here is also scored by panopticapi's own
-`pq_compute` on the same files, on the COCO sample (../shared/data/coco-sample) with predictions
-made from its ground truth by eroding, shifting, relabelling, dropping, merging and adding segments
+`pq_compute` on the same files, on two COCO images' ground truth (tests/data/panoptic-maps) with
+predictions made from it by eroding, shifting, relabelling, dropping, merging and adding segments
 and by covering crowd regions. An exported job must be a file that `pq_compute` accepts, and
 `evaluate --job` must agree with `evaluate --pred-json` on the export.
 """
@@ -23,6 +23,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from tests.paths import COCO_GT, SAMPLES, SAMPLES_GT
 from tests.test_pipeline import MODEL_ARGS, exe
 
 TOL = 1e-9
@@ -55,12 +56,22 @@ def segments_of(ids: np.ndarray, categories: dict[int, int]) -> list[dict]:
     return segments
 
 
+def ground_truth(json_path: Path, folder: Path) -> dict:
+    document = json.loads(json_path.read_text())
+    return {"json": json_path, "folder": folder, "doc": document,
+            "ids": {a["image_id"]: read_ids(folder / a["file_name"]) for a in document["annotations"]}}
+
+
 @pytest.fixture(scope="module")
-def coco(shared_dir):
-    root = shared_dir / "data/coco-sample"
-    document = json.loads((root / "panoptic_examples.json").read_text())
-    return {"json": root / "panoptic_examples.json", "folder": root / "panoptic", "doc": document,
-            "ids": {a["image_id"]: read_ids(root / "panoptic" / a["file_name"]) for a in document["annotations"]}}
+def coco():
+    """Two COCO val2017 images' panoptic ground truth, at full size."""
+    return ground_truth(COCO_GT / "panoptic_examples.json", COCO_GT)
+
+
+@pytest.fixture(scope="module")
+def samples_gt():
+    """The ground truth of samples/ (the same two images, downscaled)."""
+    return ground_truth(SAMPLES_GT / "panoptic.json", SAMPLES_GT / "panoptic")
 
 
 def pq_compute(gt_json, pred_json, gt_folder, pred_folder) -> dict:
@@ -364,8 +375,8 @@ def test_bad_input_gets_a_one_line_error(coco, tmp_path):
 # export of real jobs
 
 
-def job_images(shared_dir) -> dict[str, bytes]:
-    files = {f"coco/{p.name}": p.read_bytes() for p in sorted((shared_dir / "data/coco-sample/images").glob("*.jpg"))}
+def job_images() -> dict[str, bytes]:
+    files = {f"coco/{p.name}": p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))}
     rng = np.random.default_rng(3)
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(buffer, "PNG")
@@ -381,10 +392,10 @@ def run_job(source: str, dest: str, env: dict, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_job(tmp_path_factory, shared_dir):
+def local_job(tmp_path_factory):
     """A finished job on SQLite and folders: three images succeeded, one failed."""
     root = tmp_path_factory.mktemp("local-job")
-    files = job_images(shared_dir)
+    files = job_images()
     files["broken.jpg"] = b"\xff\xd8\xff not a JPEG"
     for key, data in files.items():
         (root / "in" / key).parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +430,7 @@ def check_export(json_path: Path, png_folder: Path, files: dict[str, bytes]) -> 
     return document
 
 
-def test_export_local_job_is_accepted_by_pq_compute(local_job, tmp_path, coco):
+def test_export_local_job_is_accepted_by_pq_compute(local_job, tmp_path):
     env = local_job["env"]
     out = tmp_path / "export" / "panoptic_job.json"
     from scheduler.cli import main
@@ -465,14 +476,15 @@ def derived_ground_truth(export_json: Path, folder: Path, gt_folder: Path) -> Pa
     return path
 
 
-def test_evaluate_job_equals_evaluate_export(local_job, tmp_path, coco):
+def test_evaluate_job_equals_evaluate_export(local_job, tmp_path, samples_gt):
     """Against the COCO ground truth: --job (outputs matched by file name) and --pred-json on the
-    export (ids taken from the GT with --ids-from) give the same numbers, and so does pq_compute."""
+    export (ids taken from the GT with --ids-from) give the same numbers, and so does pq_compute.
+    The job's COCO images are samples/, whose ground truth is samples-gt/."""
     from scheduler.cli import main
     env = local_job["env"]
     out = tmp_path / "job.json"
     exported = CliRunner().invoke(main, ["export", local_job["job"], "--out", str(out), "--png-folder",
-                                         str(tmp_path / "pngs"), "--ids-from", str(coco["json"])], env=env)
+                                         str(tmp_path / "pngs"), "--ids-from", str(samples_gt["json"])], env=env)
     assert exported.exit_code == 0, exported.output
     document = check_export(out, tmp_path / "pngs", local_job["files"])
     by_name = {i["file_name"]: i["id"] for i in document["images"]}
@@ -480,7 +492,7 @@ def test_evaluate_job_equals_evaluate_export(local_job, tmp_path, coco):
     assert by_name["b/synthetic.png"] == 439181                     # not in the GT: a new id
     assert "1 images are not in" in exported.stderr
 
-    gt = ["--gt-json", coco["json"], "--gt-folder", coco["folder"]]
+    gt = ["--gt-json", samples_gt["json"], "--gt-folder", samples_gt["folder"]]
     by_job = run_evaluate(*gt, "--job", local_job["job"], "--json", env=env)
     by_file = run_evaluate(*gt, "--pred-json", out, "--pred-folder", tmp_path / "pngs", "--json")
     assert by_job.exit_code == 0 and by_file.exit_code == 0, by_job.output + by_file.output
@@ -490,7 +502,7 @@ def test_evaluate_job_equals_evaluate_export(local_job, tmp_path, coco):
     assert job_payload["images"] == 2 and job_payload["missing"] == 0
     assert job_payload["unmatched_predictions"] == 1                # the synthetic image has no GT
     if file_payload["All"]["n"]:
-        assert_same(file_payload, pq_compute(coco["json"], out, coco["folder"], tmp_path / "pngs"))
+        assert_same(file_payload, pq_compute(samples_gt["json"], out, samples_gt["folder"], tmp_path / "pngs"))
 
 
 def test_export_refuses_to_overwrite_the_job_outputs(local_job):
@@ -502,9 +514,9 @@ def test_export_refuses_to_overwrite_the_job_outputs(local_job):
     assert not (root / "x.json").exists()
 
 
-def test_export_and_evaluate_a_job_on_s3(s3_bucket, shared_dir, tmp_path):
+def test_export_and_evaluate_a_job_on_s3(s3_bucket, tmp_path):
     s3 = boto3.client("s3")
-    files = job_images(shared_dir)
+    files = job_images()
     for key, data in files.items():
         s3.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
     env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_BROKER_URL"}

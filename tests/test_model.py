@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +22,10 @@ import torch
 from PIL import Image
 
 from tests import reference_detr as R
+from tests.paths import TEST_DATA
 from worker.model import create_model, kept_queries
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFERENCE = SHARED / "reference"
+LAYOUTS = TEST_DATA / "checkpoint-layouts"
 
 DILATION = {"detr-r50": False, "detr-r50-dc5": True, "detr-r101": False}
 NO_OBJECT = 250
@@ -51,8 +50,8 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def read_layout(variant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key → (dtype name, shape) from shared/reference/<variant>-panoptic.state_dict.tsv."""
-    path = REFERENCE / f"{variant}-panoptic.state_dict.tsv"
+    """key → (dtype name, shape) from tests/data/checkpoint-layouts/<variant>-panoptic.state_dict.tsv."""
+    path = LAYOUTS / f"{variant}-panoptic.state_dict.tsv"
     lines = path.read_text().splitlines()
     assert lines[0].split("\t") == ["key", "dtype", "shape"]
     layout = {}

@@ -25,15 +25,14 @@ from panopticapi.evaluation import pq_compute
 from panopticapi.utils import id2rgb, rgb2id
 from PIL import Image
 
+from tests.paths import COCO_GT
 from tests.synthetic_outputs import synthetic_batch
 from worker import categories
 from worker import output
 from worker.output import decode_id_png, encode_id_png, id_to_rgb, result_document, rgb_to_id
 from worker.postprocess import panoptic_postprocess
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-COCO_SAMPLE = SHARED / "data" / "coco-sample"
-PANOPTIC_MAPS = sorted((Path(__file__).resolve().parent / "data" / "panoptic-maps").glob("*.png"))
+PANOPTIC_MAPS = sorted(COCO_GT.glob("*.png"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +221,8 @@ def test_postprocessed_png_reads_back_with_panopticapi():
 
 
 def test_pq_of_ground_truth_against_its_re_encoding_is_100(tmp_path):
-    gt_json = COCO_SAMPLE / "panoptic_examples.json"
-    gt_folder = COCO_SAMPLE / "panoptic"
+    gt_json = COCO_GT / "panoptic_examples.json"
+    gt_folder = COCO_GT
     gt = json.loads(gt_json.read_text())
     pred_folder = tmp_path / "pred"
     pred_folder.mkdir()

@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from storage.jobs import JobStore
+from tests.paths import SAMPLES
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # Small, fast settings: R50 with seeded random weights at 64 px; threshold 0 keeps queries, so
@@ -55,9 +56,9 @@ def generated_images() -> dict[str, bytes]:
     return files
 
 
-def source_files(shared_dir: Path) -> dict[str, bytes]:
+def source_files() -> dict[str, bytes]:
     files = generated_images()
-    for path in sorted((shared_dir / "data/coco-sample/images").glob("*.jpg")):
+    for path in sorted(SAMPLES.glob("*.jpg")):
         files[f"coco/{path.name}"] = path.read_bytes()
     files["notes/readme.txt"] = b"not an image: never listed"
     return files
@@ -144,10 +145,10 @@ def stop_worker(process: subprocess.Popen):
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
-def test_submit_and_workers_on_s3_redis_postgres(services_env, s3_bucket, shared_dir, tmp_path, workers):
+def test_submit_and_workers_on_s3_redis_postgres(services_env, s3_bucket, tmp_path, workers):
     env, queue = services_env
     s3 = boto3.client("s3")
-    files = source_files(shared_dir)
+    files = source_files()
     for key, data in files.items():
         s3.put_object(Bucket=s3_bucket, Key=f"in/{key}", Body=data)
     s3.put_object(Bucket=s3_bucket, Key="in/empty-folder/", Body=b"")     # a folder marker
@@ -195,9 +196,9 @@ def test_submit_and_workers_on_s3_redis_postgres(services_env, s3_bucket, shared
     check_stats(job_id, env, documents)
 
 
-def test_run_embedded_on_sqlite_and_folders(tmp_path, shared_dir):
+def test_run_embedded_on_sqlite_and_folders(tmp_path):
     source, dest = tmp_path / "in", tmp_path / "out"
-    files = source_files(shared_dir)
+    files = source_files()
     files["broken.jpg"] = b"\xff\xd8\xff this is no JPEG"
     for key, data in files.items():
         (source / key).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bench.postprocess_bench import plain_postprocess
+from tests.paths import TEST_DATA
 from tests.synthetic_outputs import (NO_OBJECT, batch_outputs, single_outputs, smooth_field, stuff_ids,
                                      synthetic_batch, synthetic_image, thing_ids)
 from worker.model import kept_queries
@@ -22,8 +22,7 @@ from worker.output import decode_id_png
 from worker.postprocess import (MIN_AREA, bilinear_resize_exact, panoptic_postprocess, pil_nearest_indices,
                                 postprocess_kept)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VECTORS = SHARED / "reference" / "postprocess-vectors"
+VECTORS = TEST_DATA / "postprocess-vectors"
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
