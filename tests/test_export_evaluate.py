@@ -276,6 +276,26 @@ def test_categories_outside_the_list_are_ignored(coco, tmp_path):
     assert evaluation.unknown_predictions > 0
 
 
+def test_samples_ground_truth_fits_the_samples(samples_gt, tmp_path):
+    """samples-gt/ is a valid COCO panoptic ground truth of samples/ at their sizes, so that
+    `evaluate` works on the README's sample images."""
+    images = {i["id"]: i for i in samples_gt["doc"]["images"]}
+    assert sorted(i["file_name"] for i in images.values()) == sorted(p.name for p in SAMPLES.glob("*.jpg"))
+    for annotation in samples_gt["doc"]["annotations"]:
+        image, ids = images[annotation["image_id"]], samples_gt["ids"][annotation["image_id"]]
+        with Image.open(SAMPLES / image["file_name"]) as sample:
+            assert ids.shape == (sample.height, sample.width) == (image["height"], image["width"])
+        categories = {s["id"]: s["category_id"] for s in annotation["segments_info"]}
+        recomputed = {s["id"]: s for s in segments_of(ids, categories)}
+        assert set(recomputed) == {s["id"] for s in annotation["segments_info"]}
+        for segment in annotation["segments_info"]:
+            assert (segment["area"], segment["bbox"]) == (recomputed[segment["id"]]["area"], recomputed[segment["id"]]["bbox"])
+    gt_json = tmp_path / "gt.json"
+    shutil.copy(samples_gt["json"], gt_json)
+    reference = pq_compute(gt_json, gt_json, samples_gt["folder"], samples_gt["folder"])
+    assert reference["All"]["pq"] == 1.0 and reference["All"]["n"] > 0
+
+
 def run_evaluate(*args, env=None):
     from scheduler.cli import main
     return CliRunner().invoke(main, ["evaluate", *map(str, args)], env=env, catch_exceptions=False)
