@@ -4,8 +4,10 @@ What users rely on: the compose file is valid for Docker Compose v2+ (checked th
 `config --format json`, which resolves anchors, interpolation and profiles the way `docker compose
 up` does), every service has an image or a build whose files exist, the GPU workers reserve one
 GPU each, every command the images and services run is a real `panoptic-batch` subcommand with
-real options, the images run as a non-root user, and the build context lets in what the
-Dockerfiles copy. Images are not built here (no engine): see docker/README.md for what that leaves
+real options, the images run as a non-root user, the build context lets in what the
+Dockerfiles copy, no password has a default, docker/multi-host.yml publishes what other machines
+need and points every client at the services host, the `cli` service writes into a host folder,
+and Prometheus scrapes every worker. Images are not built here (no engine): see docker/README.md for what that leaves
 unverified.
 
 Needs Docker Compose v2 or newer: the `docker compose` plugin, or a `docker-compose` v2+ binary
@@ -29,9 +31,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER_DIR = REPO_ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
+MULTI_HOST_FILE = DOCKER_DIR / "multi-host.yml"
 DOCKERFILES = {"worker": DOCKER_DIR / "worker.Dockerfile", "cli": DOCKER_DIR / "cli.Dockerfile"}
 # Every profile of the compose file, so that `config` shows every service.
-ALL_PROFILES = ("gpus2", "gpus4", "gpus8", "cli")
+ALL_PROFILES = ("gpus2", "gpus4", "gpus8", "cli", "monitoring")
 OUR_IMAGES = ("panoptic-batch-worker", "panoptic-batch-cli")
 
 
@@ -69,27 +72,45 @@ def _compose_v2_command() -> tuple[str, ...]:
 
 # The defaults of the file itself: no docker/.env, no variables it interpolates from this shell.
 COMPOSE_ARGS = ("-f", str(COMPOSE_FILE), "--env-file", os.devnull)
+MULTI_HOST_ARGS = (*COMPOSE_ARGS, "-f", str(MULTI_HOST_FILE))
+# The variables without a default (secrets, and multi-host.yml's addresses), as docker/.env sets them.
+REQUIRED = {"REDIS_PASSWORD": "redis-pw-from-env", "POSTGRES_PASSWORD": "pg-pw-from-env",
+            "AWS_ACCESS_KEY_ID": "key-from-env", "AWS_SECRET_ACCESS_KEY": "secret-from-env",
+            "FLOWER_BASIC_AUTH": "admin:flower-pw-from-env"}
+MULTI_HOST_REQUIRED = {"SERVICES_BIND_ADDRESS": "10.1.0.2", "METRICS_BIND_ADDRESS": "10.1.0.7"}
 
 
-def _clean_env(overrides: dict[str, str]) -> dict[str, str]:
-    interpolated = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+def _clean_env(overrides: dict[str, str], required: dict[str, str] = REQUIRED) -> dict[str, str]:
+    interpolated = {name for path in (COMPOSE_FILE, MULTI_HOST_FILE)
+                    for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", path.read_text())}
     env = {k: v for k, v in os.environ.items() if k not in interpolated and not k.startswith("COMPOSE_")}
+    env.update(required)
     env.update(overrides)
     return env
 
 
-@lru_cache(maxsize=None)
-def _compose_config_text(env_items: tuple[tuple[str, str], ...] = ()) -> str:
-    command = _compose_v2_command()
+def _compose_run(args: tuple[str, ...], env: dict[str, str], *command_args: str) -> subprocess.CompletedProcess:
     profiles = [arg for p in ALL_PROFILES for arg in ("--profile", p)]
-    out = subprocess.run([*command, *COMPOSE_ARGS, *profiles, "config", "--format", "json"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=_clean_env(dict(env_items)))
-    assert out.returncode == 0, f"{' '.join(command)} config rejects docker/docker-compose.yml:\n{out.stderr}"
+    return subprocess.run([*_compose_v2_command(), *args, *profiles, *command_args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
+
+
+@lru_cache(maxsize=None)
+def _compose_config_text(env_items: tuple[tuple[str, str], ...] = (), multi_host: bool = False) -> str:
+    args = MULTI_HOST_ARGS if multi_host else COMPOSE_ARGS
+    env = _clean_env(dict(env_items), {**REQUIRED, **MULTI_HOST_REQUIRED} if multi_host else REQUIRED)
+    out = _compose_run(args, env, "config", "--format", "json")
+    assert out.returncode == 0, f"compose config rejects {' '.join(args)}:\n{out.stderr}"
     return out.stdout
 
 
 def compose_config(**env: str) -> dict:
     return json.loads(_compose_config_text(tuple(sorted(env.items()))))
+
+
+def multi_host_config(**env: str) -> dict:
+    """docker-compose.yml with docker/multi-host.yml, as a host of several would run it."""
+    return json.loads(_compose_config_text(tuple(sorted(env.items())), multi_host=True))
 
 
 def services() -> dict:
@@ -161,7 +182,7 @@ def check_panoptic_batch_args(args: list[str], where: str) -> None:
 
 def test_compose_file_is_valid_and_has_every_service():
     names = set(services())
-    expected = {"redis", "postgres", "s3", "worker", "flower", "cli"} | {f"worker-gpu{i}" for i in range(1, 8)}
+    expected = {"redis", "postgres", "s3", "worker", "flower", "cli", "prometheus"} | {f"worker-gpu{i}" for i in range(1, 8)}
     assert expected <= names, f"missing services: {sorted(expected - names)}"
 
 
@@ -223,7 +244,7 @@ def test_services_share_one_configuration_and_reach_each_other():
     all_services = services()
     for name in ("cli", "flower", *worker_services()):
         env = all_services[name]["environment"]
-        assert env["PANOPTIC_BROKER_URL"] == "redis://redis:6379/0", name
+        assert env["PANOPTIC_BROKER_URL"] == "redis://:redis-pw-from-env@redis:6379/0", name
         assert env["PANOPTIC_DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in env["PANOPTIC_DATABASE_URL"], name
         assert env["AWS_ENDPOINT_URL"] == "http://s3:8333", name
     postgres = all_services["postgres"]["environment"]
@@ -270,6 +291,130 @@ def test_service_commands_are_real_panoptic_batch_commands():
     flower = all_services["flower"]
     assert flower["entrypoint"][:3] == ["celery", "-A", "worker.queue"], flower["entrypoint"]
     assert (REPO_ROOT / "worker" / "queue.py").is_file()
+
+
+def test_no_password_or_key_has_a_default():
+    """Compose refuses to start without each secret, naming it, and no docker/ file or example
+    holds one: they come from docker/.env, which git never sees."""
+    for name in REQUIRED:
+        env = _clean_env({}, {k: v for k, v in REQUIRED.items() if k != name})
+        refused = _compose_run(COMPOSE_ARGS, env, "config", "--quiet")
+        assert refused.returncode != 0 and name in refused.stderr, (name, refused.stderr)
+    example = dict(line.split("=", 1) for line in (DOCKER_DIR / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    for name in (*REQUIRED, *MULTI_HOST_REQUIRED):
+        assert example[name] == "", f".env.example gives {name} a value"
+    assert ".env" in (DOCKER_DIR / ".gitignore").read_text().split()
+    secrets = set(REQUIRED.values()) - {"key-from-env"}
+    text = json.dumps(compose_config())
+    assert all(secret in text for secret in secrets)           # every one comes from the environment
+
+
+def test_redis_and_postgres_require_their_passwords():
+    all_services = services()
+    redis = all_services["redis"]
+    assert '--requirepass "$$REDIS_PASSWORD"' in " ".join(redis["command"])
+    assert redis["environment"]["REDIS_PASSWORD"] == redis["environment"]["REDISCLI_AUTH"] == "redis-pw-from-env"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]      # authenticates with REDISCLI_AUTH
+    assert all_services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg-pw-from-env"
+    for name in ("cli", "flower", *worker_services()):
+        env = all_services[name]["environment"]
+        assert env["PANOPTIC_BROKER_URL"].startswith("redis://:redis-pw-from-env@"), name
+        assert ":pg-pw-from-env@" in env["PANOPTIC_DATABASE_URL"], name
+
+
+def published(service: dict) -> set[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port."""
+    return {(p.get("host_ip", "0.0.0.0"), int(p["published"]), int(p["target"])) for p in service.get("ports", [])}
+
+
+def test_one_machine_publishes_nothing_beyond_localhost():
+    for name, service in services().items():
+        assert all(address == "127.0.0.1" for address, _, _ in published(service)), (name, published(service))
+
+
+def test_multi_host_layout_publishes_the_services_and_each_workers_metrics():
+    """docker/multi-host.yml: the services host publishes Redis, PostgreSQL and S3 on its private
+    address, each GPU host its workers' metrics on distinct ports, and every client reaches the
+    services host that docker/.env names."""
+    config = multi_host_config(REDIS_HOST="10.1.0.2", POSTGRES_HOST="10.1.0.2", AWS_ENDPOINT_URL="http://10.1.0.2:8333")
+    all_services = config["services"]
+    for name, port in (("redis", 6379), ("postgres", 5432), ("s3", 8333)):
+        assert ("10.1.0.2", port, port) in published(all_services[name]), name
+    metrics_ports = {}
+    for name, service in worker_services().items():
+        container_port = int(all_services[name]["environment"]["PANOPTIC_METRICS_PORT"])
+        (outside,) = [p for p in published(all_services[name]) if p[0] != "127.0.0.1"]
+        assert outside[0] == "10.1.0.7" and outside[2] == container_port, (name, outside)
+        metrics_ports[name] = outside[1]
+    assert metrics_ports["worker"] == 9100
+    assert sorted(metrics_ports.values()) == list(range(9100, 9108))      # worker-gpuN on 9100 + N
+    assert all(metrics_ports[f"worker-gpu{i}"] == 9100 + i for i in range(1, 8))
+    for name in ("cli", "flower", "prometheus"):                          # the control host's
+        assert all(address == "127.0.0.1" for address, _, _ in published(all_services[name])), name
+    for name in ("cli", "flower", *worker_services()):
+        env = all_services[name]["environment"]
+        assert env["PANOPTIC_BROKER_URL"] == "redis://:redis-pw-from-env@10.1.0.2:6379/0", name
+        assert env["PANOPTIC_DATABASE_URL"].endswith("@10.1.0.2:5432/panoptic"), name
+        assert env["AWS_ENDPOINT_URL"] == "http://10.1.0.2:8333", name
+    for name in MULTI_HOST_REQUIRED:                                      # no default address either
+        env = _clean_env({}, {**REQUIRED, **{k: v for k, v in MULTI_HOST_REQUIRED.items() if k != name}})
+        refused = _compose_run(MULTI_HOST_ARGS, env, "config", "--quiet")
+        assert refused.returncode != 0 and name in refused.stderr, (name, refused.stderr)
+
+
+def test_cli_writes_into_a_host_folder_that_outlives_the_container():
+    cli = services()["cli"]
+    (mount,) = [v for v in cli["volumes"] if v["type"] == "bind"]
+    assert Path(mount["source"]) == REPO_ROOT / "panoptic-out" and mount["target"] == cli["working_dir"]
+    assert cli["user"] == "10001:10001"
+    assert "/panoptic-out/" in (REPO_ROOT / ".gitignore").read_text().split()
+    moved = compose_config(CLI_OUT_DIR="/srv/panoptic-reports", CLI_USER="1000:1000")["services"]["cli"]
+    assert {v["source"] for v in moved["volumes"] if v["type"] == "bind"} == {"/srv/panoptic-reports"}
+    assert moved["user"] == "1000:1000"
+
+
+def test_prometheus_scrapes_every_workers_metrics_port():
+    import yaml
+
+    all_services = services()
+    prometheus = all_services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    image, _, tag = prometheus["image"].partition(":")
+    assert image == "prom/prometheus" and re.fullmatch(r"v\d+\.\d+\.\d+", tag), prometheus["image"]
+    (config_mount,) = [v for v in prometheus["volumes"] if v["type"] == "bind"]
+    assert Path(config_mount["source"]) == DOCKER_DIR / "prometheus" and config_mount.get("read_only")
+    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    in_container = Path(config_flag.split("=", 1)[1])
+    config_path = Path(config_mount["source"]) / in_container.relative_to(config_mount["target"])
+    config = yaml.safe_load(config_path.read_text())
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    (dns,) = job["dns_sd_configs"]
+    workers = worker_services()
+    ports = {int(all_services[name]["environment"]["PANOPTIC_METRICS_PORT"]) for name in workers}
+    assert set(dns["names"]) == set(workers) and dns["type"] == "A" and {dns["port"]} == ports
+    (files,) = job["file_sd_configs"]
+    for pattern in files["files"]:                                  # the targets' files, as mounted
+        folder = Path(config_mount["source"]) / Path(pattern).parent.relative_to(config_mount["target"])
+        found = sorted(folder.glob(Path(pattern).name))
+        assert found, pattern
+        for path in found:
+            assert isinstance(yaml.safe_load(path.read_text()), list), path
+
+
+def test_compose_comments_take_their_figures_from_benchmarks_md():
+    """The precision figures in the compose file's comments are BENCHMARKS.md's, and its ratios
+    the README's (they contradicted each other before)."""
+    comments = " ".join(line.split("#", 1)[1] for line in COMPOSE_FILE.read_text().splitlines() if "#" in line)
+    quoted = re.findall(r"\b(?:fp32|tf32|bf16) (\d+\.\d+)", comments)           # "tf32 90.6 … images/s"
+    assert len(quoted) >= 3, comments
+    benchmarks = (REPO_ROOT / "BENCHMARKS.md").read_text()
+    for figure in quoted:
+        assert re.search(rf"\| {re.escape(figure)} \|", benchmarks), f"{figure} images/s is not in BENCHMARKS.md"
+    readme = (REPO_ROOT / "README.md").read_text()
+    for ratio in re.findall(r"about (\d+\.\d+)x", comments):
+        assert f"about {ratio}×" in readme, f"the compose file's {ratio}x is not the README's"
 
 
 # --- the Dockerfiles -----------------------------------------------------------------------------
