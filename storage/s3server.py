@@ -43,7 +43,7 @@ import time
 import uuid
 from pathlib import Path
 
-__all__ = ["S3Server", "find_weed", "WeedNotFound"]
+__all__ = ["S3Server", "find_weed", "WeedNotFound", "free_ports", "port_is_free"]
 
 DEFAULT_ACCESS_KEY = "panoptic-test-key"
 DEFAULT_SECRET_KEY = "panoptic-test-secret-0123456789"
@@ -89,7 +89,7 @@ def find_weed() -> str:
     )
 
 
-def _free_ports(n: int, host: str) -> list[int]:
+def free_ports(n: int, host: str) -> list[int]:
     """n distinct currently free TCP ports (all held open together while choosing)."""
     socks = []
     try:
@@ -103,7 +103,8 @@ def _free_ports(n: int, host: str) -> list[int]:
             s.close()
 
 
-def _port_is_free(port: int, host: str) -> bool:
+def port_is_free(port: int, host: str) -> bool:
+    """Whether `port` can be bound on `host` now (another server would bind it too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as weed (Go) binds: TIME_WAIT is no obstacle
         try:
@@ -215,7 +216,7 @@ class S3Server:
         if self.proc is not None:
             raise RuntimeError("S3Server already started")
         weed = self.weed or find_weed()
-        if self.s3_port is not None and not _port_is_free(self.s3_port, self.host):
+        if self.s3_port is not None and not port_is_free(self.s3_port, self.host):
             raise RuntimeError(f"port {self.s3_port} on {self.host} is in use: choose another S3 port")
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="panoptic-weed-"))
@@ -255,7 +256,7 @@ class S3Server:
     # -- internals -----------------------------------------------------------------------
     def _spawn(self, weed: str) -> None:
         assert self.data_dir is not None
-        ports = _free_ports(len(_PORT_FLAGS), self.host)
+        ports = free_ports(len(_PORT_FLAGS), self.host)
         self.ports = dict(zip(_PORT_FLAGS, ports))
         if self.s3_port is not None:
             self.ports["s3.port"] = self.s3_port

@@ -182,7 +182,8 @@ def check_panoptic_batch_args(args: list[str], where: str) -> None:
 
 def test_compose_file_is_valid_and_has_every_service():
     names = set(services())
-    expected = {"redis", "postgres", "s3", "worker", "flower", "cli", "prometheus"} | {f"worker-gpu{i}" for i in range(1, 8)}
+    expected = {"redis", "postgres", "s3", "worker", "flower", "cli", "prometheus"}
+    expected |= {f"worker-gpu{i}" for i in range(1, 8)}
     assert expected <= names, f"missing services: {sorted(expected - names)}"
 
 

@@ -289,7 +289,8 @@ def test_samples_ground_truth_fits_the_samples(samples_gt, tmp_path):
         recomputed = {s["id"]: s for s in segments_of(ids, categories)}
         assert set(recomputed) == {s["id"] for s in annotation["segments_info"]}
         for segment in annotation["segments_info"]:
-            assert (segment["area"], segment["bbox"]) == (recomputed[segment["id"]]["area"], recomputed[segment["id"]]["bbox"])
+            again = recomputed[segment["id"]]
+            assert (segment["area"], segment["bbox"]) == (again["area"], again["bbox"])
     gt_json = tmp_path / "gt.json"
     shutil.copy(samples_gt["json"], gt_json)
     reference = pq_compute(gt_json, gt_json, samples_gt["folder"], samples_gt["folder"])

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from storage.s3server import free_ports, port_is_free
 from tests.paths import REPO_ROOT, SAMPLES, SAMPLES_GT
 from tests.test_export_evaluate import read_ids
 from tests.test_pipeline import exe
@@ -34,27 +35,9 @@ def readme_block(heading: str) -> str:
     return match.group(1)
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def test_readme_distributed_trial_runs_as_written(tmp_path):
     block = readme_block(SECTION)
-    s3_port, redis_port = free_port(), free_port()
+    s3_port, redis_port = free_ports(2, "127.0.0.1")
     # The README's ports: S3 in the endpoint and the server command, Redis in the broker URL and
     # the redis-server command.
     for used in ("http://127.0.0.1:8333", "--port 8333", "redis://127.0.0.1:6379", "--port 6379"):
@@ -100,7 +83,7 @@ def test_readme_distributed_trial_runs_as_written(tmp_path):
     assert "no prediction" not in stderr, stderr
 
     # `kill %3 %2 %1` stopped the worker, Redis and the S3 server.
-    assert port_is_free(s3_port) and port_is_free(redis_port)
+    assert port_is_free(s3_port, "127.0.0.1") and port_is_free(redis_port, "127.0.0.1")
 
 
 def test_local_s3_server_refuses_bad_input_in_one_line(tmp_path):
@@ -111,7 +94,8 @@ def test_local_s3_server_refuses_bad_input_in_one_line(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     base["PYTHONPATH"] = str(REPO_ROOT)
     command = [sys.executable, "-m", "storage.s3server", "--dir", str(tmp_path / "s3"), "--port"]
-    no_keys = subprocess.run([*command, str(free_port())], env=base, capture_output=True, text=True, timeout=60)
+    (port,) = free_ports(1, "127.0.0.1")
+    no_keys = subprocess.run([*command, str(port)], env=base, capture_output=True, text=True, timeout=60)
     assert no_keys.returncode == 2
     assert no_keys.stderr.strip().splitlines() == [
         "error: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the keys this server will accept)"]
@@ -121,8 +105,8 @@ def test_local_s3_server_refuses_bad_input_in_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = subprocess.run([*command, str(port)], env=dict(base, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY=secret),
-                              capture_output=True, text=True, timeout=60)
+        keys = dict(base, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY=secret)
+        busy = subprocess.run([*command, str(port)], env=keys, capture_output=True, text=True, timeout=60)
     assert busy.returncode == 1
     assert busy.stderr.strip().splitlines() == [f"error: port {port} on 127.0.0.1 is in use: choose another S3 port"]
     assert secret not in busy.stdout + busy.stderr
