@@ -14,6 +14,7 @@ from worker.config import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SI
 from worker.queue import broker_url
 from storage.objects import mask_url
 
+from .errors import EXIT_USAGE, CommandError, OneLineErrors, broker_error
 from .jobstore import find_job, open_store
 from .submit import DEFAULT_CHUNK_SIZE
 
@@ -70,7 +71,7 @@ def model_config(options: dict) -> ModelConfig:
     return ModelConfig(**{key: options[key] for key in ModelConfig.__dataclass_fields__})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="panoptic-batch")
 def main():
     """Bulk panoptic segmentation with DETR: folders or S3 in, COCO-panoptic PNG + JSON out."""
@@ -158,14 +159,6 @@ def skipped_note(status) -> str:
     return f"; {skipped} unchanged images skipped (--force reprocesses them)" if skipped else ""
 
 
-def warn_if_nothing_found(status, includes) -> None:
-    """A job of no images is valid (a nightly run on an empty prefix) but often a mistyped SOURCE."""
-    from .submit import IMAGE_EXTENSIONS
-    if status.total == 0 and not status.config.get("skipped", 0):
-        wanted = ", ".join(sorted(IMAGE_EXTENSIONS)) + (f", matching --include {' '.join(includes)}" if includes else "")
-        click.echo(f"warning: no images found under {mask_url(status.source)} (files ending in {wanted}, in any case)", err=True)
-
-
 _CHECK_DEVICE = """
 import sys
 from worker.predictor import check_device
@@ -188,7 +181,7 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
         result = subprocess.run([sys.executable, "-c", _CHECK_DEVICE, device, precision],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode == 3:
-            raise click.ClickException(result.stdout.strip())
+            raise CommandError(result.stdout.strip(), EXIT_USAGE)
         if result.returncode != 0:
             raise click.ClickException(f"cannot check --device {device}: {result.stderr.strip()[-2000:]}")
         return
@@ -196,7 +189,15 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
     try:
         check_device(device, precision)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise CommandError(str(exc), EXIT_USAGE) from exc
+
+
+def check_broker(dispatcher) -> None:
+    """Refuse in seconds when the broker is down or refuses us (sending would retry for ~50 s)."""
+    try:
+        dispatcher.check_connection()
+    except Exception as exc:
+        raise broker_error(exc) from exc
 
 
 @main.command()
@@ -207,18 +208,22 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
 def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
     from .dispatch import Dispatcher
-    from .submit import SubmitError, submit as submit_job
+    from .submit import submit as submit_job
+
+    from worker.weights_source import check_weights_available
 
     spec = job_spec(source, dest, chunk_size, includes, name, options, queue=queue)
     store = open_store()
     dispatcher = Dispatcher()
-    try:
-        with dispatcher.app.producer_or_acquire():
-            job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue), force=force)
-    except SubmitError as exc:
-        raise click.ClickException(str(exc)) from exc
+
+    def before_recording():           # what workers would fail every image on, checked first
+        check_broker(dispatcher)
+        check_weights_available(spec.weights, spec.model)
+
+    with dispatcher.app.producer_or_acquire():
+        job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue), force=force,
+                            before_recording=before_recording)
     status = store.job(job_id)
-    warn_if_nothing_found(status, includes)
     click.echo(f"job {job_id}: {status.total} images in {dispatcher.sent} chunks queued on "
                f"{mask_url(broker_url())}{skipped_note(status)}")
     click.echo(job_id)
@@ -231,21 +236,34 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     """Submit and process SOURCE in this process: no broker, no servers (SQLite by default).
 
     Exits 0 when every image succeeded, 1 when some failed (and lists them)."""
-    from worker.heap import keep_freed_memory
-    from worker.pipeline import ChunkProcessor
+    from .submit import submit as submit_job
 
-    from .submit import SubmitError, submit as submit_job
-
-    check_worker_settings(options["device"], options["precision"])
     spec = job_spec(source, dest, chunk_size, includes, name, options)
     store = open_store()
     chunks: list[tuple[str, list[int]]] = []
-    try:
-        job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force)
-    except SubmitError as exc:
-        raise click.ClickException(str(exc)) from exc
-    keep_freed_memory()
-    processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
+    processor = None
+
+    def load_model():                 # before recording, after the cheaper checks: weights that cannot load refuse
+        nonlocal processor
+        from types import SimpleNamespace
+
+        from worker.heap import keep_freed_memory
+        from worker.weights_source import check_weights_available
+        check_weights_available(spec.weights, spec.model)          # fast (no torch): a missing file, offline
+        from worker.pipeline import ChunkProcessor, DeviceFailure
+        check_worker_settings(options["device"], options["precision"])
+        keep_freed_memory()
+        processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
+        try:
+            processor.predictor_for(SimpleNamespace(model=spec.model, weights=spec.weights, threshold=spec.threshold,
+                                                    min_size=spec.min_size, max_size=spec.max_size, config=spec.config))
+        except DeviceFailure as exc:
+            raise click.ClickException(f"device failure: {exc}") from exc
+        except ValueError as exc:     # settings the model refuses
+            raise CommandError(str(exc), EXIT_USAGE) from exc
+
+    job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force,
+                        before_recording=load_model)
     from .progress import JobProgress, stdout_console
     try:
         with JobProgress(job_id, store.job(job_id).total, stdout_console()) as progress:
@@ -261,7 +279,6 @@ def run(source, dest, chunk_size, includes, name, force, **options):
                                        "run again once the device works (done images are skipped)") from exc
         raise
     status = store.job(job_id)
-    warn_if_nothing_found(status, includes)
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
                f"{status.failed} failed{skipped_note(status)}")
     for image in store.images(job_id, state="failed") if status.failed else ():
@@ -335,11 +352,13 @@ def retry(job_id):
 
     store = open_store()
     job = find_job(store, job_id)
+    dispatcher = Dispatcher()
+    check_broker(dispatcher)          # before the failed images become pending with nobody to queue them
     try:
         ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT)
     except JobStateError as exc:
         raise click.ClickException(str(exc)) from exc
-    requeue(store, Dispatcher(), job.id, ids)
+    requeue(store, dispatcher, job.id, ids)
     left = sum(1 for image in store.images(job.id, state="failed") if (image.error or "").startswith(OUTPUT_CONFLICT))
     click.echo(f"job {job.id}: {len(ids)} failed images queued again"
                + (f"; {left} left failed: their outputs would overwrite another image's" if left else ""))
@@ -351,7 +370,9 @@ def reap():
     messages were lost (their queue is empty; see $PANOPTIC_STALE_PENDING_SECONDS). Workers do this
     themselves every $PANOPTIC_REAP_INTERVAL seconds; this runs one pass now (e.g. from cron)."""
     from .dispatch import Dispatcher, reap as reap_once
-    click.echo(f"{reap_once(open_store(), Dispatcher())} images re-queued")
+    store, dispatcher = open_store(), Dispatcher()
+    check_broker(dispatcher)          # before expired claims are released with nobody to queue them
+    click.echo(f"{reap_once(store, dispatcher)} images re-queued")
 
 
 def status_dict(status) -> dict:
@@ -468,6 +489,10 @@ main.add_command(evaluate_command, "evaluate")
 from .report import report_command  # noqa: E402  (report: a static HTML report of a job)
 
 main.add_command(report_command, "report")
+
+from .prune import prune_command  # noqa: E402  (prune: old finished jobs out of the database)
+
+main.add_command(prune_command, "prune")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,14 @@ class Dispatcher:
                                                      "interval_step": 1.0, "interval_max": 10.0})
         self.sent += 1
 
+    def check_connection(self, timeout: float = 5.0) -> None:
+        """Connect to the broker once (a second try after a short pause), raising its error, so a
+        command refuses in seconds before it records anything: sending retries for ~50 s, which
+        is right for a broker restarting mid-job and wrong for one that is down or misconfigured."""
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0.5, interval_step=0.5, interval_max=1.0,
+                                         timeout=timeout)
+
     def queued(self, queue: str | None = None) -> int | None:
         """Messages waiting in ``queue`` (not those workers hold); None when the broker cannot say."""
         name = queue or self.default_queue

@@ -9,8 +9,17 @@ import click
 
 
 def open_store():
+    """The job database, connected (and its schema migrated) now: a database that is down or a
+    URL that is wrong is one line and exit code 5 or 2 before the command does anything else."""
     from storage.jobs import JobStore
-    return JobStore()
+
+    from .errors import database_error
+    store = JobStore()
+    try:
+        store.engine
+    except Exception as exc:
+        raise database_error(exc) from exc
+    return store
 
 
 def find_job(store, job_id):

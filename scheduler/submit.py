@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from storage import objects
 from storage.jobs import JobStore
+from worker.text import printable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 DEFAULT_CHUNK_SIZE = 32
@@ -27,7 +28,32 @@ OUTPUT_CONFLICT = "output conflict:"
 
 
 class SubmitError(ValueError):
-    """A submission that cannot go ahead; the message says why."""
+    """A submission that cannot go ahead; the message says why. Nothing was recorded, except for
+    SubmitStopped. `exit_code`: the command line's (scheduler.errors)."""
+    exit_code = 2
+
+
+class SourceNotFound(SubmitError):
+    """SOURCE does not exist or holds no images."""
+    exit_code = 3
+
+
+class SourceUnreadable(SubmitError):
+    """SOURCE exists (or may) but cannot be listed: access denied, S3 unreachable."""
+    exit_code = 7
+
+
+class WeightsUnreadable(SubmitError):
+    exit_code = 4
+
+
+class SubmitStopped(SubmitError):
+    """Queueing failed after the job was recorded: the job was removed (nothing queued yet) or
+    failed with the reason (some chunks queued)."""
+
+    def __init__(self, message: str, job_id: str, exit_code: int):
+        super().__init__(message)
+        self.job_id, self.exit_code = job_id, exit_code
 
 
 @dataclass(frozen=True)
@@ -52,6 +78,15 @@ def is_image_key(key: str, includes: Iterable[str] = ()) -> bool:
         return False
     includes = tuple(includes)
     return not includes or any(fnmatch.fnmatchcase(key, pattern) for pattern in includes)
+
+
+def check_location_syntax(option: str, uri: str) -> None:
+    """`s3:/bucket`, `s3//bucket` or `s3:bucket` would be taken as a local path (and DEST would be
+    created as a folder named "s3:"): refuse what looks like a mistyped S3 URI."""
+    if not objects.is_s3(uri) and re.match(r"(?i)s3(:|//)", uri):
+        rest = re.sub(r"(?i)^s3:?/*", "", uri)
+        raise SubmitError(f"{option} {printable(uri)} looks like a mistyped S3 URI: write s3://{printable(rest)} "
+                          f"(or ./{printable(uri)} for a local folder of that name)")
 
 
 def check_locations(source: str, dest: str) -> None:
@@ -102,7 +137,7 @@ def weights_identity(weights: str, model: str) -> str:
     try:
         return "sha256:" + hashlib.sha256(objects.read_bytes(weights)).hexdigest()
     except objects.ObjectStoreError as exc:
-        raise SubmitError(f"cannot read --weights {weights}: {exc}") from exc
+        raise WeightsUnreadable(f"cannot read --weights {weights}: {exc}") from exc
 
 
 def model_fingerprint(spec: JobSpec) -> str:
@@ -158,25 +193,70 @@ def _unchanged_filter(store: JobStore, spec: JobSpec, fingerprint: str, infos: I
                 yield info
 
 
-def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], None], force: bool = False) -> str:
+def describe_wanted(includes: Iterable[str] = ()) -> str:
+    """Which files count as images, as error messages say it."""
+    wanted = ", ".join(sorted(IMAGE_EXTENSIONS)) + (f", matching --include {' '.join(includes)}" if includes else "")
+    return f"files ending in {printable(wanted)}, in any case"
+
+
+def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], None], force: bool = False,
+           before_recording: Callable[[], None] | None = None) -> str:
     """Record the job and its images and call `enqueue(job_id, image_ids)` once per chunk.
 
     Unless `force`, images that succeeded before from the same SOURCE to the same DEST with the
-    same model fingerprint, and whose ETag has not changed since, are skipped (nightly runs)."""
+    same model fingerprint, and whose ETag has not changed since, are skipped (nightly runs).
+
+    Nothing is recorded when the locations are wrong, SOURCE cannot be listed or holds no images,
+    or `before_recording()` (the caller's checks: broker, weights) raises. When `enqueue` fails
+    after the job was recorded, the job is removed if nothing was queued yet, else its images not
+    yet done are failed with the reason (`retry` queues them again); SubmitStopped says which."""
+    check_location_syntax("SOURCE", spec.source)
+    check_location_syntax("--dest", spec.dest)
     spec = replace(spec, source=objects.normalize(spec.source), dest=objects.normalize(spec.dest))
     check_locations(spec.source, spec.dest)
     check_weights_source(spec.weights)
-    listing = iter_source_images(spec.source, spec.includes)
     try:
+        listing = iter_source_images(spec.source, spec.includes)
         first = next(listing, None)         # fails here, before a job exists, if SOURCE is unreadable
+    except objects.ObjectNotFound as exc:
+        raise SourceNotFound(f"SOURCE {printable(objects.mask_url(spec.source))} does not exist ({exc}): "
+                             "check the folder, or the bucket and prefix") from exc
     except objects.ObjectStoreError as exc:
-        raise SubmitError(f"cannot read SOURCE {spec.source}: {exc}") from exc
+        raise SourceUnreadable(f"cannot read SOURCE {printable(objects.mask_url(spec.source))}: {exc}; check the "
+                               "S3 endpoint, credentials and permissions (AWS_* settings)") from exc
+    if first is None:
+        raise SourceNotFound(f"no images under SOURCE {printable(objects.mask_url(spec.source))} "
+                             f"({describe_wanted(spec.includes)}): check SOURCE (a mistyped prefix?) and --include; "
+                             "nothing was recorded")
+    if before_recording is not None:
+        before_recording()
     fingerprint = model_fingerprint(spec)
     job_id = store.create_job(name=spec.name or spec.source, source=spec.source, dest=spec.dest,
                               model=spec.model, weights=spec.weights, threshold=spec.threshold,
                               min_size=spec.min_size, max_size=spec.max_size,
                               config={**spec.config, "fingerprint": fingerprint, "force": force})
-    found = listing if first is None else itertools.chain([first], listing)
+    queued = 0
+
+    def enqueue_counted(ids: list[int]) -> None:
+        nonlocal queued
+        enqueue(job_id, ids)
+        queued += 1
+
+    try:
+        _record_and_queue(store, spec, job_id, fingerprint, itertools.chain([first], listing), enqueue_counted, force)
+    except Exception as exc:
+        from scheduler.errors import EXIT_IMAGES_FAILED, translate
+        error = translate(exc)            # None: a bug, which keeps its traceback once the job is settled
+        reason = error.message if error else f"{type(exc).__name__}: {exc}"
+        stopped = _stop_submission(store, job_id, queued, reason, error.exit_code if error else EXIT_IMAGES_FAILED)
+        if error is None:
+            raise
+        raise stopped from exc
+    return job_id
+
+
+def _record_and_queue(store: JobStore, spec: JobSpec, job_id: str, fingerprint: str,
+                      found: Iterator[objects.ObjectInfo], enqueue: Callable[[list[int]], None], force: bool) -> None:
     conflicts: list[tuple] = []
 
     def record_conflict(info: objects.ObjectInfo, earlier_key: str) -> None:
@@ -193,8 +273,27 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
     entries = ((info.key, info.uri, info.etag, info.size) for info in found)
     for ids in store.add_images(job_id, entries, batch_size=INSERT_BATCH):
         for chunk in chunked(ids, spec.chunk_size):
-            enqueue(job_id, chunk)
+            enqueue(chunk)
     store.add_failed_images(job_id, conflicts)
     store.update_config(job_id, skipped=skipped[0])
     store.finalize_submission(job_id)
-    return job_id
+
+
+def _stop_submission(store: JobStore, job_id: str, queued: int, reason: str, exit_code: int) -> SubmitStopped:
+    """After `reason` stopped a recorded submission (the broker, the database or the listing went
+    away): leave no job pending forever. Nothing queued yet: the job goes (nobody would ever ask
+    for its images). Some chunks queued: its pending images are failed with the reason (a queued
+    chunk then finds nothing to claim), so the job finishes and `retry` can queue them again."""
+    from scheduler.errors import EXIT_DATABASE, database_error
+    try:
+        if queued == 0:
+            store.delete_jobs([job_id])
+            outcome = "nothing was queued and the job was removed"
+        else:
+            store.fail_unfinished(job_id, f"submit stopped before every chunk was queued: {reason}")
+            outcome = (f"job {job_id} failed its pending images with this reason: `panoptic-batch retry "
+                       f"{job_id}` queues them again, or submit again (done images are skipped)")
+    except Exception as cleanup:            # the database went too: say so; the job stays as it is
+        return SubmitStopped(f"submit stopped after {queued} chunks: {reason}; job {job_id} could not be "
+                             f"updated: {database_error(cleanup).message}", job_id, EXIT_DATABASE)
+    return SubmitStopped(f"submit stopped after {queued} chunks: {reason}; {outcome}", job_id, exit_code)

@@ -515,6 +515,73 @@ class JobStore:
         self._write(tx)
         return self.job(job_id)
 
+    def fail_unfinished(self, job_id: str, error: str) -> int:
+        """Fail the job's pending images with ``error`` and mark it fully submitted, so that it
+        finishes (a submission that could not queue them: nothing would ever process them).
+        Running images finish as their workers record them. Returns how many were failed."""
+        now = utcnow()
+        text = _clip_error(error)
+
+        def tx(conn: Connection) -> int:
+            full_id = self._resolve(conn, job_id)
+            failed = conn.execute(update(images_t)
+                                  .where(images_t.c.job_id == full_id, images_t.c.state == "pending")
+                                  .values(state="failed", error=text, updated_at=now)).rowcount
+            conn.execute(update(jobs_t).where(jobs_t.c.id == full_id)
+                         .values(failed=jobs_t.c.failed + failed,
+                                 submitted_at=func.coalesce(jobs_t.c.submitted_at, now)))
+            self._maybe_finish(conn, full_id, now)
+            return failed
+
+        return self._write(tx)
+
+    def delete_jobs(self, job_ids: Iterable[str], only_finished: bool = False) -> dict[str, dict[str, int]]:
+        """Delete jobs with their images and per-class rows (outputs in DEST are not touched).
+
+        With ``only_finished``, a job that is not finished when its transaction runs (a `retry`
+        made it run again) is left alone. One transaction per job. Returns, per job deleted,
+        ``{"images": n, "class_rows": n}``."""
+        deleted: dict[str, dict[str, int]] = {}
+        for job_id in job_ids:
+            def tx(conn: Connection, job_id=job_id) -> dict[str, int] | None:
+                where = [jobs_t.c.id == job_id]
+                if only_finished:
+                    where.append(jobs_t.c.state.in_(FINISHED_JOB_STATES))
+                # The job's row locked first (PG): a concurrent retry waits, then finds nothing.
+                if conn.scalar(select(jobs_t.c.id).where(*where).with_for_update()) is None:
+                    return None
+                class_rows = conn.execute(delete(classes_t).where(classes_t.c.job_id == job_id)).rowcount
+                images = conn.execute(delete(images_t).where(images_t.c.job_id == job_id)).rowcount
+                conn.execute(delete(jobs_t).where(jobs_t.c.id == job_id))
+                return {"images": images, "class_rows": class_rows}
+
+            counts = self._write(tx)
+            if counts is not None:
+                deleted[job_id] = counts
+        return deleted
+
+    def finished_before(self, cutoff: datetime, states: Iterable[str] = FINISHED_JOB_STATES) -> list[dict[str, Any]]:
+        """Finished jobs (in ``states``) that finished before ``cutoff``, oldest first, with their
+        row counts: ``{"id", "name", "state", "finished_at", "images", "class_rows"}``."""
+        states = tuple(states)
+        if not states or set(states) - set(FINISHED_JOB_STATES):
+            raise ValueError(f"only finished jobs ({', '.join(FINISHED_JOB_STATES)}) can be selected")
+
+        def query(conn: Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(select(jobs_t.c.id, jobs_t.c.name, jobs_t.c.state, jobs_t.c.finished_at)
+                                .where(jobs_t.c.state.in_(states), jobs_t.c.finished_at < cutoff)
+                                .order_by(jobs_t.c.finished_at, jobs_t.c.id)).all()
+            found = []
+            for row in rows:
+                images = conn.scalar(select(func.count()).select_from(images_t).where(images_t.c.job_id == row.id))
+                class_rows = conn.scalar(select(func.count()).select_from(classes_t)
+                                         .where(classes_t.c.job_id == row.id))
+                found.append({"id": row.id, "name": row.name, "state": row.state, "finished_at": row.finished_at,
+                              "images": int(images or 0), "class_rows": int(class_rows or 0)})
+            return found
+
+        return self._query(query)
+
     def set_weights_sha256(self, job_id: str, sha: str) -> str:
         """Record the weights' SHA-256 unless one is recorded already; return the recorded one."""
         def tx(conn: Connection) -> str:

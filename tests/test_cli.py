@@ -16,7 +16,7 @@ import redis
 from PIL import Image
 
 SUBCOMMANDS = ["predict", "submit", "worker", "run", "status", "stats", "cancel", "retry", "reap", "export",
-               "evaluate", "report"]
+               "evaluate", "report", "prune"]
 
 
 def panoptic_batch(*args, env=None, cwd=None):
@@ -53,7 +53,7 @@ from scheduler.cli import main
 runner = CliRunner()
 for args in (["--help"], ["submit", "--help"], ["run", "--help"], ["status", "--json"],
              ["submit", {str(source)!r}, "--dest", {str(tmp_path / "out")!r}, "--queue", {queue!r},
-              "--name", "a long job name " * 8]):
+              "--weights", "random", "--name", "a long job name " * 8]):
     result = runner.invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, (args, result.output)
 job_id = result.output.strip().splitlines()[-1]
@@ -152,15 +152,17 @@ def test_auto_batch_size_follows_the_device():
     assert resolve_batch_size(4, torch.device("cuda", 0)) == 4
 
 
-def test_a_source_without_images_is_a_job_of_none_with_a_warning(tmp_path):
+def test_a_source_without_images_is_refused_and_records_nothing(tmp_path):
+    """A typo'd prefix or --include: exit 3 (README, exit codes), not an empty "succeeded" job."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
     result = panoptic_batch("run", "in", "--dest", "out", "--weights", "random", "--model", "detr-r50",
                             "--include", "*.JPG", env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr               # valid: a nightly run may find nothing new
-    assert "warning: no images found under" in result.stderr and "--include *.JPG" in result.stderr
-    assert "0 of 0 succeeded" in result.stdout
+    assert result.returncode == 3, result.stderr
+    assert "no images under SOURCE" in result.stderr and "--include *.JPG" in result.stderr
+    listed = panoptic_batch("status", "--json", env=env, cwd=tmp_path)
+    assert json.loads(listed.stdout) == []
 
 
 @pytest.mark.parametrize("args, message", [
@@ -185,7 +187,7 @@ def test_a_worker_that_cannot_run_its_device_does_not_start(args, message):
     """Else it would take chunks and fail every image of them."""
     env = dict(os.environ, PANOPTIC_BROKER_URL="redis://127.0.0.1:1/0")    # never reached
     result = panoptic_batch("worker", *args, env=env)
-    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert result.returncode == 2 and message in result.stderr, result.stderr     # a usage error
 
 
 def test_the_worker_checks_a_gpu_without_touching_cuda_in_the_process_that_forks(monkeypatch):
