@@ -58,7 +58,9 @@ class Dispatcher:
         """Connect to the broker once (a second try after a short pause), raising its error, so a
         command refuses in seconds before it records anything: sending retries for ~50 s, which
         is right for a broker restarting mid-job and wrong for one that is down or misconfigured."""
-        with self.app.connection_for_write() as connection:
+        # Short socket timeouts too: a broker that accepts and never answers is waited on 30 s otherwise.
+        with self.app.connection_for_write(connect_timeout=timeout, transport_options={
+                "socket_timeout": timeout, "socket_connect_timeout": timeout}) as connection:
             connection.ensure_connection(max_retries=1, interval_start=0.5, interval_step=0.5, interval_max=1.0,
                                          timeout=timeout)
 

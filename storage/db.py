@@ -35,6 +35,7 @@ __all__ = [
 ENV_VAR = "PANOPTIC_DATABASE_URL"
 DEFAULT_URL = "sqlite:///panoptic-batch.db"
 SQLITE_BUSY_TIMEOUT_S = 30
+PG_CONNECT_TIMEOUT_S = 10
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number, the same in every process: the key of the migration advisory lock.
 _PG_MIGRATION_LOCK_KEY = 0x70616E6F70746963  # "panoptic"
@@ -67,7 +68,10 @@ def _is_memory_sqlite(url: URL) -> bool:
 def _create_engine(url_str: str) -> Engine:
     url = make_url(url_str)
     if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, future=True)
+        # A server that accepts the connection and never answers (a hung host, a wrong port behind
+        # a proxy) would be waited on forever: give up after a while (the URL may say otherwise).
+        connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, pool_pre_ping=True, future=True, connect_args=connect_args)
 
     kwargs: dict = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
     if _is_memory_sqlite(url):

@@ -69,6 +69,31 @@ def redis_with_password(tmp_path_factory):
         process.wait(10)
 
 
+@pytest.fixture(scope="module")
+def silent_port():
+    """A port that accepts connections and never answers (a hung server, a wrong port behind a proxy)."""
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+
+    def accept_forever():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for connection in accepted:
+            connection.close()
+
+
 def write_images(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "a.jpg")
@@ -86,7 +111,7 @@ MODEL = ["--model", "detr-r50", "--min-size", "64", "--max-size", "96", "--devic
 CLOSED_PORT = 1      # nothing listens on port 1 here
 
 
-def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int) -> list[tuple]:
+def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int, silent: int) -> list[tuple]:
     """(what, args, extra environment, exit code, words the line must hold)."""
     checkpoint = r101_names_checkpoint(tmp_path / "r101.pth")
     random = ["--weights", "random", *MODEL]
@@ -110,6 +135,8 @@ def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int) -> list[tuple]:
         ("the database down at run", ["run", "in", "--dest", "out", *random],
          {"PANOPTIC_DATABASE_URL": f"postgresql://u@127.0.0.1:{CLOSED_PORT}/x"},
          errors.EXIT_DATABASE, ["cannot use the database"]),
+        ("a database that never answers", ["status"], {"PANOPTIC_DATABASE_URL": f"postgresql://u@127.0.0.1:{silent}/x"},
+         errors.EXIT_DATABASE, ["cannot use the database", "timeout"]),
         ("a database URL that is not one", ["stats", "abcd"], {"PANOPTIC_DATABASE_URL": "postgres:/nohost"},
          errors.EXIT_USAGE, ["PANOPTIC_DATABASE_URL is not a database URL"]),
         ("a SQLite file in a folder that cannot exist", ["status"],
@@ -118,6 +145,8 @@ def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int) -> list[tuple]:
         ("the broker down at submit", ["submit", "in", "--dest", "out", *random],
          {"PANOPTIC_BROKER_URL": f"redis://127.0.0.1:{CLOSED_PORT}/0"},
          errors.EXIT_BROKER, ["cannot reach the broker", "PANOPTIC_BROKER_URL", "refused"]),
+        ("a broker that never answers", ["submit", "in", "--dest", "out", *random],
+         {"PANOPTIC_BROKER_URL": f"redis://127.0.0.1:{silent}/0"}, errors.EXIT_BROKER, ["cannot reach the broker"]),
         ("the broker's password wrong", ["submit", "in", "--dest", "out", *random],
          {"PANOPTIC_BROKER_URL": f"redis://:wrong-password@127.0.0.1:{redis_port}/0"},
          errors.EXIT_BROKER, ["cannot reach the broker", ":***@127.0.0.1", "password"]),
@@ -147,7 +176,7 @@ def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int) -> list[tuple]:
 
 
 def test_each_common_mistake_is_one_line_with_its_exit_code_and_records_nothing(tmp_path, s3_bucket,
-                                                                                 redis_with_password):
+                                                                                 redis_with_password, silent_port):
     write_images(tmp_path / "in")
     database = f"sqlite:///{tmp_path / 'jobs.db'}"
     base = dict(os.environ, PANOPTIC_DATABASE_URL=database, PANOPTIC_BROKER_URL=REDIS_URL,
@@ -155,7 +184,7 @@ def test_each_common_mistake_is_one_line_with_its_exit_code_and_records_nothing(
                 # Offline, as on this project's machines, whatever the machine running the tests can reach.
                 https_proxy=f"http://127.0.0.1:{CLOSED_PORT}", HTTPS_PROXY=f"http://127.0.0.1:{CLOSED_PORT}")
     problems = []
-    for what, args, extra, code, words in mistakes(tmp_path, s3_bucket, redis_with_password):
+    for what, args, extra, code, words in mistakes(tmp_path, s3_bucket, redis_with_password, silent_port):
         result, seconds = panoptic_batch(*args, env={**base, **extra}, cwd=tmp_path)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         checks = {
