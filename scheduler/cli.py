@@ -14,7 +14,7 @@ from worker.config import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SI
 from worker.queue import broker_url
 from storage.objects import mask_url
 
-from .errors import EXIT_USAGE, CommandError, OneLineErrors, broker_error
+from .errors import EXIT_USAGE, EXIT_WEIGHTS, CommandError, OneLineErrors, broker_error
 from .jobstore import find_job, open_store
 from .submit import DEFAULT_CHUNK_SIZE
 
@@ -95,8 +95,10 @@ def predict(images, out_dir, **options):
     keep_freed_memory()
     try:
         predictor = Predictor(config)
-    except (WeightsError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except WeightsError as exc:
+        raise CommandError(str(exc), EXIT_WEIGHTS) from exc
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = [Path(uri).stem for uri in images]
     duplicates = {s for s in stems if stems.count(s) > 1}
@@ -207,10 +209,10 @@ def check_broker(dispatcher) -> None:
 @model_options
 def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
+    from worker.weights_source import check_weights_available
+
     from .dispatch import Dispatcher
     from .submit import submit as submit_job
-
-    from worker.weights_source import check_weights_available
 
     spec = job_spec(source, dest, chunk_size, includes, name, options, queue=queue)
     store = open_store()
