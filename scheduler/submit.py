@@ -208,8 +208,8 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
 
     Nothing is recorded when the locations are wrong, SOURCE cannot be listed or holds no images,
     or `before_recording()` (the caller's checks: broker, weights) raises. When `enqueue` fails
-    after the job was recorded, the job is removed if nothing was queued yet, else its images not
-    yet done are failed with the reason (`retry` queues them again); SubmitStopped says which."""
+    after the job was recorded, the job is removed if nothing was queued yet, else its pending
+    images are failed with the reason (`retry` queues them again); SubmitStopped says which."""
     check_location_syntax("SOURCE", spec.source)
     check_location_syntax("--dest", spec.dest)
     spec = replace(spec, source=objects.normalize(spec.source), dest=objects.normalize(spec.dest))
@@ -237,9 +237,9 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
                               config={**spec.config, "fingerprint": fingerprint, "force": force})
     queued = 0
 
-    def enqueue_counted(ids: list[int]) -> None:
+    def enqueue_counted(job: str, ids: list[int]) -> None:
         nonlocal queued
-        enqueue(job_id, ids)
+        enqueue(job, ids)
         queued += 1
 
     try:
@@ -256,7 +256,7 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
 
 
 def _record_and_queue(store: JobStore, spec: JobSpec, job_id: str, fingerprint: str,
-                      found: Iterator[objects.ObjectInfo], enqueue: Callable[[list[int]], None], force: bool) -> None:
+                      found: Iterator[objects.ObjectInfo], enqueue: Callable[[str, list[int]], None], force: bool) -> None:
     conflicts: list[tuple] = []
 
     def record_conflict(info: objects.ObjectInfo, earlier_key: str) -> None:
@@ -273,7 +273,7 @@ def _record_and_queue(store: JobStore, spec: JobSpec, job_id: str, fingerprint: 
     entries = ((info.key, info.uri, info.etag, info.size) for info in found)
     for ids in store.add_images(job_id, entries, batch_size=INSERT_BATCH):
         for chunk in chunked(ids, spec.chunk_size):
-            enqueue(chunk)
+            enqueue(job_id, chunk)
     store.add_failed_images(job_id, conflicts)
     store.update_config(job_id, skipped=skipped[0])
     store.finalize_submission(job_id)

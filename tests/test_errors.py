@@ -335,3 +335,20 @@ def test_nothing_is_recorded_when_submit_refuses_a_broker_through_the_console_sc
                                env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "right-password" not in result.stdout + result.stderr
+
+
+def test_retry_and_reap_refuse_a_broker_that_is_down_before_changing_anything(tmp_path):
+    """Else retry would put the failed images back to pending with nobody to queue them."""
+    write_images(tmp_path / "in")
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    database = f"sqlite:///{tmp_path / 'jobs.db'}"
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=database, PANOPTIC_BROKER_URL=f"redis://127.0.0.1:{CLOSED_PORT}/0")
+    ran, _ = panoptic_batch("run", "in", "--dest", "out", "--weights", "random", *MODEL, env=env, cwd=tmp_path)
+    assert ran.returncode == errors.EXIT_IMAGES_FAILED, ran.stderr              # broken.jpg failed
+    job_id = ran.stdout.strip().splitlines()[-1]
+    for command in (["retry", job_id], ["reap"]):
+        result, seconds = panoptic_batch(*command, env=env, cwd=tmp_path)
+        assert result.returncode == errors.EXIT_BROKER and seconds < FAST_S, (command, result.stderr, seconds)
+        assert "cannot reach the broker" in result.stderr and "Traceback" not in result.stderr
+    job = JobStore(database).job(job_id)
+    assert (job.state, job.failed, job.pending) == ("partial", 1, 0)
