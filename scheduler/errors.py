@@ -1,7 +1,7 @@
 """One line, not a traceback, for the mistakes a user makes, with an exit code per kind of mistake.
 
 Scripts (cron, CI) tell the kinds apart by the exit code; people read the line, which names what
-was wrong and what to do. The codes are a contract (README, "Exit codes"):
+was wrong and what to do. The codes below are a contract (README, "Exit codes").
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def translate(exc: BaseException) -> CommandError | None:
         return exc
     if _is_instance(exc, "scheduler.submit", "SubmitError"):
         return CommandError(str(exc), getattr(exc, "exit_code", EXIT_USAGE))
-    if any(_is_instance(exc, "sqlalchemy.exc", name) for name in ("ArgumentError", "OperationalError", "InterfaceError")):
+    if any(_is_instance(exc, "sqlalchemy.exc", name)
+           for name in ("ArgumentError", "OperationalError", "InterfaceError")):
         return database_error(exc)
     if (_is_instance(exc, "kombu.exceptions", "OperationalError") or _is_instance(exc, "amqp.exceptions", "AMQPError")
             or _is_instance(exc, "redis.exceptions", "ConnectionError")):

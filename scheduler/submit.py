@@ -256,7 +256,8 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
 
 
 def _record_and_queue(store: JobStore, spec: JobSpec, job_id: str, fingerprint: str,
-                      found: Iterator[objects.ObjectInfo], enqueue: Callable[[str, list[int]], None], force: bool) -> None:
+                      found: Iterator[objects.ObjectInfo], enqueue: Callable[[str, list[int]], None],
+                      force: bool) -> None:
     conflicts: list[tuple] = []
 
     def record_conflict(info: objects.ObjectInfo, earlier_key: str) -> None:
