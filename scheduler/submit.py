@@ -89,6 +89,15 @@ def check_location_syntax(option: str, uri: str) -> None:
                           f"(or ./{printable(uri)} for a local folder of that name)")
 
 
+def check_folders(source: str, dest: str) -> None:
+    """A local SOURCE or DEST that is a file: the listing would fail with "not a folder", and
+    every upload into a DEST file would fail image by image."""
+    for option, uri, error in (("SOURCE", source, SourceNotFound), ("--dest", dest, SubmitError)):
+        if objects.is_local(uri) and os.path.isfile(objects.local_path(uri)):
+            raise error(f"{option} {printable(uri)} is a file, not a folder: give the folder "
+                        f"{'that holds the images' if option == 'SOURCE' else 'to write the outputs into'}")
+
+
 def check_locations(source: str, dest: str) -> None:
     """DEST may not overlap SOURCE: outputs must never be read back as inputs."""
     a, b = _comparable_location(source), _comparable_location(dest)
@@ -213,6 +222,7 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
     check_location_syntax("SOURCE", spec.source)
     check_location_syntax("--dest", spec.dest)
     spec = replace(spec, source=objects.normalize(spec.source), dest=objects.normalize(spec.dest))
+    check_folders(spec.source, spec.dest)
     check_locations(spec.source, spec.dest)
     check_weights_source(spec.weights)
     try:

@@ -124,6 +124,10 @@ def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int, silent: int) -> li
          errors.EXIT_NO_IMAGES, ["no images under SOURCE", "typo", "nothing was recorded"]),
         ("an --include that matches nothing", ["run", "in", "--dest", "out", "--include", "*.JPEG", *random], {},
          errors.EXIT_NO_IMAGES, ["no images under SOURCE", "--include *.JPEG"]),
+        ("a SOURCE that is a file", ["run", "in/a.jpg", "--dest", "out", *random], {},
+         errors.EXIT_NO_IMAGES, ["SOURCE", "a.jpg", "is a file, not a folder"]),
+        ("a DEST that is a file", ["submit", "in", "--dest", "notes.txt", *random], {},
+         errors.EXIT_USAGE, ["--dest", "notes.txt", "is a file, not a folder"]),
         ("s3:/bucket", ["run", "s3:/bucket/in", "--dest", "out", *random], {},
          errors.EXIT_USAGE, ["mistyped S3 URI", "s3://bucket/in"]),
         ("s3//bucket", ["submit", "s3//bucket/in", "--dest", "out", *random], {},
@@ -182,6 +186,7 @@ def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int, silent: int) -> li
 def test_each_common_mistake_is_one_line_with_its_exit_code_and_records_nothing(tmp_path, s3_bucket,
                                                                                  redis_with_password, silent_port):
     write_images(tmp_path / "in")
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
     database = f"sqlite:///{tmp_path / 'jobs.db'}"
     base = dict(os.environ, PANOPTIC_DATABASE_URL=database, PANOPTIC_BROKER_URL=REDIS_URL,
                 TORCH_HOME=str(tmp_path / "empty-torch-home"),
