@@ -646,18 +646,21 @@ class JobStore:
 
     # -- images ---------------------------------------------------------------------------------
 
-    def claim(self, image_id: int, token: str, lease_seconds: float) -> ClaimedImage | None:
+    def claim(self, image_id: int, token: str, lease_seconds: float, job_id: str | None = None) -> ClaimedImage | None:
         """Take the image (pending, or running with an expired lease) for ``token``; None if not.
 
-        Also None when the job is cancelled. Moves a pending job to running on its first claim.
+        Also None when the job is cancelled, or when ``job_id`` is given and the image is not
+        one of that job's. Moves a pending job to running on its first claim.
         """
-        claimed = self.claim_many([image_id], token, lease_seconds)
+        claimed = self.claim_many([image_id], token, lease_seconds, job_id=job_id)
         return claimed[0] if claimed else None
 
-    def claim_many(self, image_ids: Iterable[int], token: str, lease_seconds: float) -> list[ClaimedImage]:
+    def claim_many(self, image_ids: Iterable[int], token: str, lease_seconds: float,
+                   job_id: str | None = None) -> list[ClaimedImage]:
         """`claim` for several images in one transaction (a worker claims its chunk at once):
-        the images taken, in the order given; the others are done, held by someone else, or
-        their job is cancelled."""
+        the images taken, in the order given; the others are done, held by someone else, their
+        job is cancelled, or (``job_id`` given) they are not that job's: a chunk message names
+        its job, and an image of another job must never be processed into this one's DEST."""
         _check_token(token)
         order = {int(image_id): i for i, image_id in enumerate(image_ids)}
         if not order:
@@ -671,24 +674,49 @@ class JobStore:
                         .exists())
             claimable = (images_t.c.state == "pending") | (
                 (images_t.c.state == "running") & (images_t.c.lease_expires_at < now))
+            own = [] if job_id is None else [images_t.c.job_id == job_id]
             rows = []
             for group in _chunks(sorted(order), _IN_CHUNK):
                 rows += conn.execute(
                     update(images_t)
-                    .where(images_t.c.id.in_(group), claimable, job_live)
+                    .where(images_t.c.id.in_(group), claimable, job_live, *own)
                     .values(state="running", lease_token=token, lease_expires_at=expires,
                             attempts=images_t.c.attempts + 1, updated_at=now)
                     .returning(images_t.c.id, images_t.c.job_id, images_t.c.key, images_t.c.uri,
                                images_t.c.etag, images_t.c.attempts, images_t.c.size)
                 ).all()
-            for job_id in sorted({row.job_id for row in rows}):
-                conn.execute(update(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.state == "pending")
+            for started in sorted({row.job_id for row in rows}):
+                conn.execute(update(jobs_t).where(jobs_t.c.id == started, jobs_t.c.state == "pending")
                              .values(state="running", started_at=now))
             return [ClaimedImage(id=row.id, job_id=row.job_id, key=row.key, uri=row.uri, etag=row.etag,
                                  attempts=row.attempts, size=row.size)
                     for row in sorted(rows, key=lambda row: order[row.id])]
 
         return self._write(tx)
+
+    def images_outside_job(self, job_id: str, image_ids: Iterable[int]) -> dict[int, str | None]:
+        """Of ``image_ids``, those that are not images of ``job_id``: id → the job they belong
+        to, or None for an id no image has."""
+        ids = sorted({int(i) for i in image_ids})
+
+        def query(conn: Connection) -> dict[int, str | None]:
+            owners: dict[int, str] = {}
+            for group in _chunks(ids, _IN_CHUNK):
+                owners.update(conn.execute(select(images_t.c.id, images_t.c.job_id)
+                                           .where(images_t.c.id.in_(group))).all())
+            return {i: owners.get(i) for i in ids if owners.get(i) != job_id}
+
+        return self._query(query)
+
+    def holds_claim(self, image_id: int, token: str) -> bool:
+        """Whether ``token`` still holds the image: running under it, lease not expired. While it
+        does, no other claim on the image can have been made since this one."""
+        _check_token(token)
+        now = utcnow()
+        return self._query(lambda conn: conn.scalar(
+            select(images_t.c.id).where(images_t.c.id == image_id, images_t.c.lease_token == token,
+                                        images_t.c.state == "running", images_t.c.lease_expires_at > now)
+        ) is not None)
 
     def heartbeat(self, token: str, image_ids: Iterable[int], lease_seconds: float) -> int:
         """Extend the leases ``token`` still holds among ``image_ids``; returns how many."""

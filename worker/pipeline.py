@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from storage import objects
+from storage.fenced import ClaimLost, publish
 from storage.jobs import ImageSuccess, JobStore
 from storage.retry import retry_transient
 
@@ -37,6 +38,7 @@ from .output import output_stem, result_document
 from .overlay import write_overlay
 from .predictor import ModelConfig, PendingBatch, Predictor
 from .preprocess import check_bytes, decode_image
+from .text import printable
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,16 @@ class ImageOutcome:
     image_id: int
     ok: bool
     error: str | None = None
+    # Nothing was written or recorded: the image is not this chunk's job's, or the claim was lost
+    # (lease expired, another worker took the image) before its outputs were written or recorded.
+    refused: bool = False
+
+
+def _report_refused(image_id: int, key: str | None, why: str) -> ImageOutcome:
+    metrics.image_failed(recorded=False)
+    log.warning("image %s refused: %s", printable(key) if key is not None else f"id {image_id}", why,
+                extra={"image_id": image_id, "key": key, "refused": why})
+    return ImageOutcome(image_id, False, why, refused=True)
 
 
 @dataclass
@@ -217,20 +229,23 @@ class ChunkProcessor:
         job = self.store.job(job_id)
         if job.state == "cancelled":
             return []
+        outcomes: list[ImageOutcome] = []
+        image_ids = self._own_images(job, image_ids, outcomes)
+        if not image_ids:
+            return outcomes
         token = uuid.uuid4().hex
         try:
             predictor = self.predictor_for(job)
         except (WeightsError, ValueError) as exc:
             # Weights that cannot be loaded (missing file, wrong variant, hash mismatch) or bad
             # settings fail the images with the reason, rather than leaving the job pending.
-            return self._fail_all(image_ids, token, f"model could not be loaded: {exc}")
+            return outcomes + self._fail_all(job.id, image_ids, token, f"model could not be loaded: {exc}")
         self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
         leases = _LeaseKeeper(self.store, token)
         recorder = _Recorder(self.store, token, lambda extra, recorded: self._recorded(job, leases, extra, recorded))
-        outcomes: list[ImageOutcome] = []
         claimed = []
         try:
-            claimed = self._claim(image_ids, token, leases, outcomes)
+            claimed = self._claim(job.id, image_ids, token, leases, outcomes)
             with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io", initializer=inherit_context()) as pool:
                 uploads = self._run_claimed(pool, job, predictor, claimed, token, leases, outcomes, recorder)
                 outcomes += [future.result() for future in uploads]
@@ -310,18 +325,28 @@ class ChunkProcessor:
                     leases.drop(image.id)
         return uploads
 
-    def _fail_all(self, image_ids, token, error: str) -> list[ImageOutcome]:
+    def _own_images(self, job, image_ids, outcomes) -> list[int]:
+        """The chunk's images that are its job's; the others (a forged or corrupted message, or
+        one meant for another deployment's database) are refused, logged, never processed."""
+        foreign = self.store.images_outside_job(job.id, image_ids)
+        for image_id, owner in foreign.items():
+            why = (f"not an image of job {printable(job.id)}: it belongs to job {printable(owner)}" if owner
+                   else f"no image has id {image_id} in this database")
+            outcomes.append(_report_refused(image_id, None, why + " (a chunk may only name its own job's images)"))
+        return [image_id for image_id in image_ids if int(image_id) not in foreign]
+
+    def _fail_all(self, job_id, image_ids, token, error: str) -> list[ImageOutcome]:
         outcomes = []
         for image_id in image_ids:
-            if (image := self.store.claim(image_id, token, lease_seconds())) is not None:
+            if (image := self.store.claim(image_id, token, lease_seconds(), job_id=job_id)) is not None:
                 _report_failure(image_id, image.key, error, self.store.record_failure(image_id, token, error))
                 outcomes.append(ImageOutcome(image_id, False, error))
         return outcomes
 
-    def _claim(self, image_ids, token, leases, outcomes) -> list:
+    def _claim(self, job_id, image_ids, token, leases, outcomes) -> list:
         claimed = []
         # Images not taken are done already, or another worker holds them.
-        for image in self.store.claim_many(image_ids, token, lease_seconds()):
+        for image in self.store.claim_many(image_ids, token, lease_seconds(), job_id=job_id):
             if image.attempts > max_attempts():
                 # Every earlier attempt lost its worker (a crash, the OOM killer): stop here
                 # instead of taking down workers forever.
@@ -412,11 +437,14 @@ class ChunkProcessor:
                 png_uri = objects.join(job.dest, stem + ".png")
                 json_uri = objects.join(job.dest, stem + ".json")
                 document = result_document(result, PurePosixPath(stem).name + ".png", d.uri, predictor.model_info)
-                retry_transient(lambda: objects.write_bytes(png_uri, result["png"], content_type="image/png"),
-                                what=f"write {png_uri}")
                 body = json.dumps(document).encode()
-                retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
-                                what=f"write {json_uri}")
+                # Written only while this chunk's claim holds, never over a newer claim's outputs
+                # (storage.fenced): a worker paused past its lease must not replace them.
+                publish([(png_uri, result["png"], "image/png"), (json_uri, body, "application/json")],
+                        lambda: self.store.holds_claim(d.image_id, token))
+            except ClaimLost as exc:
+                leases.drop(d.image_id)
+                return _report_refused(d.image_id, d.key, str(exc))
             except Exception as exc:
                 return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
             height, width = result["id_map"].shape
@@ -425,15 +453,21 @@ class ChunkProcessor:
                        "upload_ms": (time.perf_counter() - start) * 1e3}
             success = ImageSuccess(d.image_id, output_png=png_uri, output_json=json_uri, height=height,
                                    width=width, segments_info=document["segments_info"], timings=timings)
-            entry = (success, (d, stem, result, timings))
-            return ImageOutcome(d.image_id, True)
+            outcome = ImageOutcome(d.image_id, True)
+            entry = (success, (d, stem, result, timings, outcome))
+            return outcome
         finally:
             recorder.finished(entry)          # may record a batch here, this one's included
 
     def _recorded(self, job, leases: _LeaseKeeper, extra, recorded: bool) -> None:
-        d, stem, result, timings = extra
+        d, stem, result, timings, outcome = extra
         metrics.image_succeeded(timings, recorded)
         leases.drop(d.image_id)
+        if not recorded:
+            outcome.ok, outcome.refused = False, True
+            outcome.error = "result not recorded: the claim expired and another worker took the image"
+            log.warning("image %s refused: %s", printable(d.key), outcome.error,
+                        extra={"image_id": d.image_id, "key": d.key, "refused": outcome.error})
         # After the result is recorded: an overlay is an extra that never fails or delays the
         # image, and its rendering does not count as upload time.
         if job.config.get("overlays") and recorded:

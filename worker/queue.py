@@ -101,7 +101,8 @@ def process_chunk(job_id: str, image_ids: list[int]) -> dict:
             outcomes = chunk.outcomes = processor().process(job_id, image_ids)
     except DeviceFailure as exc:
         _stop_worker(exc)
-    return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
+    return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok and not o.refused for o in outcomes),
+            "refused": sum(o.refused for o in outcomes)}
 
 
 def _stop_worker(failure: Exception) -> NoReturn:
