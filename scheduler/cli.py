@@ -230,36 +230,60 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
 def run(source, dest, chunk_size, includes, name, force, **options):
     """Submit and process SOURCE in this process: no broker, no servers (SQLite by default).
 
-    Exits 0 when every image succeeded, 1 when some failed (and lists them)."""
+    Exits 0 when every image succeeded, 1 when some failed (and lists them). Ctrl-C (SIGINT) or
+    SIGTERM stops it after the current batch (a second one at once): the unfinished images are
+    given back, the job is marked interrupted, and the same command resumes it."""
     from worker.heap import keep_freed_memory
     from worker.pipeline import ChunkProcessor
 
-    from .submit import SubmitError, submit as submit_job
+    from .embedded import StopOnSignals, embedded_spec
+    from .submit import SubmitError, chunked, submit as submit_job
 
     check_worker_settings(options["device"], options["precision"])
-    spec = job_spec(source, dest, chunk_size, includes, name, options)
+    spec = embedded_spec(job_spec(source, dest, chunk_size, includes, name, options), force)
     store = open_store()
     chunks: list[tuple[str, list[int]]] = []
-    try:
-        job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force)
-    except SubmitError as exc:
-        raise click.ClickException(str(exc)) from exc
-    keep_freed_memory()
-    processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
-    from .progress import JobProgress, stdout_console
-    try:
-        with JobProgress(job_id, store.job(job_id).total, stdout_console()) as progress:
-            for job, ids in chunks:
-                processor.process(job, ids)
-                now = store.job(job_id)
-                progress.update(now.succeeded + now.failed, now.failed)
-    except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
-        if type(exc).__name__ in ("WeightsError", "ValueError"):
+    with StopOnSignals() as stopping:
+        resumed = store.find_interrupted(spec.config["run_key"])
+        try:
+            if resumed:
+                job_id = resumed
+                chunks = [(job_id, ids) for ids in chunked(store.resume(job_id), chunk_size)]
+                click.echo(f"resuming interrupted job {job_id}: {sum(len(ids) for _, ids in chunks)} images left")
+            else:
+                job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force)
+        except SubmitError as exc:
             raise click.ClickException(str(exc)) from exc
-        if type(exc).__name__ == "DeviceFailure":
-            raise click.ClickException(f"device failure: {exc}; the job's unfinished images are pending again: "
-                                       "run again once the device works (done images are skipped)") from exc
-        raise
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted while listing SOURCE: nothing was processed") from None
+        keep_freed_memory()
+        processor = ChunkProcessor(store, device=options["device"], precision=options["precision"],
+                                   stop=stopping.event)
+        from .progress import JobProgress, stdout_console
+        try:
+            with JobProgress(job_id, store.job(job_id).total, stdout_console()) as progress:
+                for job, ids in chunks:
+                    if stopping.requested:
+                        break
+                    processor.process(job, ids)
+                    now = store.job(job_id)
+                    progress.update(now.succeeded + now.failed, now.failed)
+        except KeyboardInterrupt:
+            pass                        # the second signal: the chunk gave its claims back already
+        except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
+            if type(exc).__name__ in ("WeightsError", "ValueError"):
+                raise click.ClickException(str(exc)) from exc
+            if type(exc).__name__ == "DeviceFailure":
+                raise click.ClickException(f"device failure: {exc}; the job's unfinished images are pending again: "
+                                           "run again once the device works (done images are skipped)") from exc
+            raise
+        stopping.settle()
+        if stopping.requested and store.interrupt(job_id):
+            status = store.job(job_id)
+            click.echo(f"job {job_id}: interrupted, {status.succeeded + status.failed} of {status.total} done, "
+                       f"{status.pending} left: run the same command again to resume it", err=True)
+            click.echo(job_id)
+            sys.exit(stopping.exit_code)
     status = store.job(job_id)
     warn_if_nothing_found(status, includes)
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
@@ -327,21 +351,25 @@ def cancel(job_id):
 @click.argument("job_id")
 def retry(job_id):
     """Queue a job's failed images again (only those; images whose outputs would overwrite
-    another image's stay failed)."""
-    from storage.jobs import JobStateError
-
+    another image's stay failed). A cancelled or interrupted job is reopened: its pending images
+    are queued again too (a job of `run`: run the same command again to process them)."""
     from .dispatch import Dispatcher, requeue
+    from .embedded import EMBEDDED_BROKER
     from .submit import OUTPUT_CONFLICT
 
     store = open_store()
     job = find_job(store, job_id)
-    try:
-        ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT)
-    except JobStateError as exc:
-        raise click.ClickException(str(exc)) from exc
-    requeue(store, Dispatcher(), job.id, ids)
+    embedded = job.config.get("broker") == EMBEDDED_BROKER
+    ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT,
+                             reopen_as="interrupted" if embedded else "running")
+    if not embedded:
+        requeue(store, Dispatcher(), job.id, ids)
     left = sum(1 for image in store.images(job.id, state="failed") if (image.error or "").startswith(OUTPUT_CONFLICT))
-    click.echo(f"job {job.id}: {len(ids)} failed images queued again"
+    reopened = job.state in ("cancelled", "interrupted")
+    what = "failed and pending images" if reopened else "failed images"
+    click.echo(f"job {job.id}: {len(ids)} {what} "
+               + ("pending again: run the same `panoptic-batch run` command to process them" if embedded
+                  else "queued again")
                + (f"; {left} left failed: their outputs would overwrite another image's" if left else ""))
 
 
@@ -426,7 +454,7 @@ def _watch(store, job_id: str, interval: float) -> None:
         with JobProgress(job_id, job.total, stdout_console()) as progress:
             while True:
                 progress.update(job.succeeded + job.failed, job.failed, total=job.total)
-                if job.finished:
+                if job.finished or job.state == "interrupted":       # nothing runs it until resumed
                     break
                 time.sleep(interval)
                 job = store.job(job_id)

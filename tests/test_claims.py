@@ -138,3 +138,123 @@ def test_conditional_writes_refuse_a_changed_object(s3_server, s3_bucket, tmp_pa
         with pytest.raises(objects.PreconditionFailed):
             objects.write_bytes(uri, b"fifth", expect=seen)             # changed by the write before
         assert objects.read_bytes(uri) == b"fourth"
+
+
+# ---------------------------------------------------------------------------------------------
+# An interrupted `run` gives its claims back and is resumed by the same command; `retry` undoes
+# `cancel`.
+
+def _sqlite_store(folder) -> JobStore:
+    return JobStore(f"sqlite:///{folder / 'panoptic-batch.db'}")
+
+
+@pytest.mark.parametrize("signals", [("SIGINT",), ("SIGTERM", "SIGTERM")], ids=["sigint", "sigterm-twice"])
+def test_an_interrupted_run_gives_its_images_back_and_the_same_command_resumes_it(tmp_path, signals):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .test_pipeline import exe
+
+    source, dest = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    n = 10
+    for i in range(n):
+        (source / f"img{i:02d}.png").write_bytes(png_bytes(i, size=(96, 80)))
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+    command = [exe(), "run", str(source), "--dest", str(dest), "--model", "detr-r50", "--weights", "random",
+               "--min-size", "160", "--max-size", "200", "--threshold", "0", "--batch-size", "1",
+               "--chunk-size", "4"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    store = _sqlite_store(tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:                       # until a few images are done
+        if (tmp_path / "panoptic-batch.db").exists():
+            try:
+                jobs = store.jobs()
+            except Exception:                                # the schema is being created
+                jobs = []
+            if jobs and jobs[0].succeeded >= 2:
+                break
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    for name in signals:
+        process.send_signal(getattr(signal, name))
+        time.sleep(0.05)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, signals[0]), err
+    job_id = out.strip().splitlines()[-1]
+    assert "interrupted" in err and "run the same command again to resume it" in err
+    status = store.job(job_id)
+    assert status.state == "interrupted" and status.running == 0     # every claim given back
+    assert 2 <= status.succeeded < n and status.failed == 0 and status.pending == n - status.succeeded
+    assert all(r.lease_token is None for r in store.images(job_id))
+    assert len(list(dest.glob("*.json"))) == status.succeeded
+
+    # `status` shows the state; cancel, then retry, reopen it for the same command to resume.
+    shown = subprocess.run([exe(), "status", job_id], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "interrupted" in shown.stdout
+    assert subprocess.run([exe(), "cancel", job_id], cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    assert store.job(job_id).state == "cancelled"
+    retried = subprocess.run([exe(), "retry", job_id], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert retried.returncode == 0 and "run the same `panoptic-batch run` command" in retried.stdout, retried.stderr
+    assert store.job(job_id).state == "interrupted"
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming interrupted job {job_id}" in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == job_id           # the same job, not a new one
+    assert len(store.jobs()) == 1
+    status = store.job(job_id)
+    assert (status.state, status.total, status.succeeded, status.failed) == ("succeeded", n, n, 0)
+    documents = [json.loads(p.read_text()) for p in sorted(dest.glob("*.json"))]
+    assert len(documents) == n
+    stats = json.loads(subprocess.run([exe(), "stats", job_id, "--json"], cwd=tmp_path, env=env,
+                                      capture_output=True, text=True).stdout)
+    expected: dict[int, list[int]] = {}
+    for document in documents:
+        for segment in document["segments_info"]:
+            counts = expected.setdefault(segment["category_id"], [0, 0])
+            counts[0] += 1
+            counts[1] += segment["area"]
+    assert {row["category_id"]: [row["segments"], row["pixels"]] for row in stats} == expected
+
+
+def test_retry_undoes_cancel_and_queues_the_pending_images_again(s3_server, s3_bucket, pg_database_url, tmp_path):
+    import os
+    import time
+    import uuid
+
+    import redis
+
+    from .test_pipeline import MODEL_ARGS, REDIS_URL, cli, start_worker, stop_worker, wait_finished
+
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=pg_database_url, PANOPTIC_BROKER_URL=REDIS_URL)
+    s3 = boto3.client("s3")
+    for i in range(4):
+        s3.put_object(Bucket=s3_bucket, Key=f"in/img{i}.png", Body=png_bytes(i))
+    queue = f"uncancel-{uuid.uuid4().hex[:8]}"
+    submitted = cli("submit", f"s3://{s3_bucket}/in", "--dest", f"s3://{s3_bucket}/out", "--queue", queue,
+                    "--chunk-size", "2", *MODEL_ARGS, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert cli("cancel", job_id, env=env).returncode == 0
+    worker = start_worker(env, queue, tmp_path / "worker.log")
+    try:
+        broker = redis.Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 120
+        while broker.llen(queue) and time.monotonic() < deadline:     # the worker drops the chunks
+            time.sleep(0.2)
+        time.sleep(2)
+        store = JobStore(pg_database_url)
+        status = store.job(job_id)
+        assert (status.state, status.pending, status.succeeded) == ("cancelled", 4, 0)
+        retried = cli("retry", job_id, env=env)
+        assert retried.returncode == 0 and "4 failed and pending images queued again" in retried.stdout, retried.stderr
+        status = wait_finished(job_id, env)
+        assert (status["state"], status["succeeded"], status["failed"]) == ("succeeded", 4, 0)
+    finally:
+        stop_worker(worker)
+    assert len(dest_keys(s3_bucket, "out/")) == 8

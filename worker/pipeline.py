@@ -188,6 +188,9 @@ class ChunkProcessor:
     store: JobStore
     device: str = "auto"
     precision: str = "fp32"
+    # Set by `run` on SIGINT/SIGTERM: the chunk stops before its next batch and gives back what it
+    # has not run, as for a cancelled job.
+    stop: threading.Event | None = None
     _predictor: Predictor | None = field(default=None, init=False, repr=False)
     _load_failure: tuple[ModelConfig, str, float] | None = field(default=None, init=False, repr=False)
 
@@ -227,7 +230,7 @@ class ChunkProcessor:
         expire and a reaper re-queues; the job is checked for cancellation before every batch.
         """
         job = self.store.job(job_id)
-        if job.state == "cancelled":
+        if self._stopping(job.state):
             return []
         outcomes: list[ImageOutcome] = []
         image_ids = self._own_images(job, image_ids, outcomes)
@@ -257,9 +260,20 @@ class ChunkProcessor:
             for image in claimed:
                 self.store.release(image.id, token, count_attempt=True)
             raise
+        except BaseException:
+            # Stopped at once (a second Ctrl-C in `run`, a soft time limit): what is not done goes
+            # back to pending for the next run or worker (release skips what is recorded already).
+            for image in claimed:
+                self.store.release(image.id, token)
+            raise
         finally:
             leases.close()
         return outcomes
+
+    def _stopping(self, job_state: str) -> bool:
+        """Whether to take no further batch: the job was cancelled or interrupted, or this process
+        was asked to stop."""
+        return job_state in ("cancelled", "interrupted") or (self.stop is not None and self.stop.is_set())
 
     def _run_claimed(self, pool, job, predictor, claimed, token, leases, outcomes, recorder) -> list[Future]:
         """Download, batch and run the claimed images; returns the pending uploads.
@@ -288,7 +302,7 @@ class ChunkProcessor:
             return True
 
         def run(batch: list[_Decoded]) -> bool:
-            if self.store.job(job.id).state == "cancelled":
+            if self._stopping(self.store.job(job.id).state):
                 return False
             uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder, in_flight))
             done.update(d.image_id for d in batch)
