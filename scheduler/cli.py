@@ -209,9 +209,12 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     from .dispatch import Dispatcher
     from .submit import SubmitError, submit as submit_job
 
+    from dataclasses import replace
+
     spec = job_spec(source, dest, chunk_size, includes, name, options, queue=queue)
     store = open_store()
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(store)
+    spec = replace(spec, config={**spec.config, "broker": dispatcher.broker})     # its reapers' jobs
     try:
         with dispatcher.app.producer_or_acquire():
             job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue), force=force)
@@ -360,10 +363,15 @@ def retry(job_id):
     store = open_store()
     job = find_job(store, job_id)
     embedded = job.config.get("broker") == EMBEDDED_BROKER
+    dispatcher = None if embedded else Dispatcher(store)
+    if dispatcher is not None and job.config.get("broker") not in (None, dispatcher.broker):
+        from worker.text import printable
+        raise click.ClickException(f"job {job.id} was submitted through the broker {printable(job.config['broker'])}, "
+                                   f"not {printable(dispatcher.broker)}: retry it with that PANOPTIC_BROKER_URL")
     ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT,
                              reopen_as="interrupted" if embedded else "running")
-    if not embedded:
-        requeue(store, Dispatcher(), job.id, ids)
+    if dispatcher is not None:
+        requeue(store, dispatcher, job.id, ids)
     left = sum(1 for image in store.images(job.id, state="failed") if (image.error or "").startswith(OUTPUT_CONFLICT))
     reopened = job.state in ("cancelled", "interrupted")
     what = "failed and pending images" if reopened else "failed images"
@@ -379,7 +387,8 @@ def reap():
     messages were lost (their queue is empty; see $PANOPTIC_STALE_PENDING_SECONDS). Workers do this
     themselves every $PANOPTIC_REAP_INTERVAL seconds; this runs one pass now (e.g. from cron)."""
     from .dispatch import Dispatcher, reap as reap_once
-    click.echo(f"{reap_once(open_store(), Dispatcher())} images re-queued")
+    store = open_store()
+    click.echo(f"{reap_once(store, Dispatcher(store))} images re-queued")
 
 
 def status_dict(status) -> dict:

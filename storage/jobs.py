@@ -21,6 +21,7 @@ Every method opens and closes its own transaction and returns plain dataclasses 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from sqlalchemy import Connection, Text, any_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Text, any_, bindparam, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
@@ -306,6 +307,27 @@ def _pg_insert_images():
             .from_select(["job_id", "key", "uri", "etag", "size", "state", "attempts", "updated_at"], query)
             .on_conflict_do_nothing(index_elements=["job_id", "key"])
             .returning(images_t.c.id))
+
+
+def _of_broker(broker: str):
+    """Jobs whose config records ``broker``, or no broker at all (jobs older than the record)."""
+    recorded = jobs_t.c.config["broker"].as_string()
+    return or_(recorded == broker, recorded.is_(None))
+
+
+@functools.cache
+def _database_id(url: str) -> str:
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql":
+        return "sqlite:" + hashlib.sha256(str(engine.url.database).encode()).hexdigest()[:16]
+    with engine.connect() as conn:
+        oid = conn.scalar(text("SELECT oid FROM pg_database WHERE datname = current_database()"))
+        try:
+            cluster = conn.scalar(text("SELECT system_identifier FROM pg_control_system()"))
+        except DBAPIError:          # not allowed on some hosted services: the name tells clusters apart less well
+            conn.rollback()
+            cluster = conn.scalar(text("SELECT current_database()"))
+    return f"postgresql:{cluster}:{oid}"
 
 
 class JobStore:
@@ -767,6 +789,12 @@ class JobStore:
 
         return self._query(query)
 
+    def database_id(self) -> str:
+        """What tells this database from any other, the same from every client (chunk messages
+        carry it, so that a worker connected to another database leaves them on the broker):
+        PostgreSQL's cluster system identifier and the database's oid; SQLite's file path."""
+        return _database_id(self.engine.url.render_as_string(hide_password=False))
+
     def holds_claim(self, image_id: int, token: str) -> bool:
         """Whether ``token`` still holds the image: running under it, lease not expired. While it
         does, no other claim on the image can have been made since this one."""
@@ -951,15 +979,19 @@ class JobStore:
 
         self._write(tx)
 
-    def release_expired(self, limit: int = 10_000) -> dict[str, list[int]]:
+    def release_expired(self, limit: int = 10_000, broker: str | None = None) -> dict[str, list[int]]:
         """Running images whose lease expired go back to pending, their old token void (a late
-        result from the lost worker is refused); returns {job id: image ids} to queue again."""
+        result from the lost worker is refused); returns {job id: image ids} to queue again.
+
+        ``broker``: only images of jobs submitted through it (see :meth:`active_jobs`)."""
         now = utcnow()
+        of_broker = [] if broker is None else [images_t.c.job_id.in_(
+            select(jobs_t.c.id).where(_of_broker(broker)).scalar_subquery())]
 
         def tx(conn: Connection) -> dict[str, list[int]]:
             rows = conn.execute(
                 select(images_t.c.id, images_t.c.job_id)
-                .where(images_t.c.state == "running", images_t.c.lease_expires_at < now)
+                .where(images_t.c.state == "running", images_t.c.lease_expires_at < now, *of_broker)
                 .order_by(images_t.c.id).limit(limit).with_for_update(skip_locked=True)).all()
             by_job: dict[str, list[int]] = {}
             for group in _chunks([r.id for r in rows], _IN_CHUNK):
@@ -973,11 +1005,16 @@ class JobStore:
 
         return self._write(tx)
 
-    def active_jobs(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(id, config)`` of every fully submitted job that is still pending or running, oldest first."""
+    def active_jobs(self, broker: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """``(id, config)`` of every fully submitted job that is still pending or running, oldest first.
+
+        ``broker``: only the jobs submitted through that broker (the masked URL recorded in their
+        config as ``broker``), and older jobs that recorded none: a reaper re-queues only its own
+        broker's jobs, never another deployment's that shares this database, nor a `run`'s."""
         return self._query(lambda conn: [(row.id, dict(row.config or {})) for row in conn.execute(
             select(jobs_t.c.id, jobs_t.c.config)
-            .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None))
+            .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None),
+                   *([] if broker is None else [_of_broker(broker)]))
             .order_by(jobs_t.c.created_at, jobs_t.c.id)).all()])
 
     def touch_stale_pending(self, job_id: str, older_than: float, limit: int = 10_000) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import boto3
 import pytest
@@ -258,3 +259,111 @@ def test_retry_undoes_cancel_and_queues_the_pending_images_again(s3_server, s3_b
     finally:
         stop_worker(worker)
     assert len(dest_keys(s3_bucket, "out/")) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployments that share a broker or a database.
+
+@pytest.fixture
+def second_pg_database_url(pg_admin_url):
+    from storage import db as storage_db
+
+    from .conftest import create_pg_database, drop_pg_database
+    name, url = create_pg_database(pg_admin_url)
+    try:
+        yield url
+    finally:
+        storage_db.dispose_all()
+        drop_pg_database(pg_admin_url, name)
+
+
+def test_deployments_sharing_a_broker_queue_leave_each_others_chunks_on_it(
+        s3_server, s3_bucket, pg_database_url, second_pg_database_url, tmp_path):
+    """Two deployments (two databases) on one Redis database and one queue name: a worker takes
+    only its own database's chunks and puts the other's back, so each job finishes, nothing lost."""
+    import os
+    import uuid
+
+    from .test_pipeline import MODEL_ARGS, REDIS_URL, cli, start_worker, stop_worker, wait_finished
+
+    queue = f"shared-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3")
+    envs, jobs = [], []
+    for name, database in (("one", pg_database_url), ("two", second_pg_database_url)):
+        for i in range(2):
+            s3.put_object(Bucket=s3_bucket, Key=f"{name}/img{i}.png", Body=png_bytes(i))
+        env = dict(os.environ, PANOPTIC_DATABASE_URL=database, PANOPTIC_BROKER_URL=REDIS_URL)
+        submitted = cli("submit", f"s3://{s3_bucket}/{name}", "--dest", f"s3://{s3_bucket}/out-{name}",
+                        "--queue", queue, "--chunk-size", "1", *MODEL_ARGS, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        envs.append(env)
+        jobs.append(submitted.stdout.strip().splitlines()[-1])
+
+    second = start_worker(envs[1], queue, tmp_path / "worker-two.log")       # only deployment two's worker
+    try:
+        status = wait_finished(jobs[1], envs[1], timeout=300)
+        assert (status["state"], status["succeeded"]) == ("succeeded", 2)
+        # Deployment one's chunks were seen (several times) and left on the broker, untouched.
+        log = (tmp_path / "worker-two.log").read_text()
+        assert "belongs to another deployment's database" in log
+        one = JobStore(pg_database_url).job(jobs[0])
+        assert (one.state, one.pending, one.failed) == ("pending", 2, 0)
+        first = start_worker(envs[0], queue, tmp_path / "worker-one.log")
+        try:
+            status = wait_finished(jobs[0], envs[0], timeout=300)
+            assert (status["state"], status["succeeded"], status["failed"]) == ("succeeded", 2, 0)
+        finally:
+            stop_worker(first)
+    finally:
+        stop_worker(second)
+    assert dest_keys(s3_bucket, "out-one/") == ["out-one/img0.json", "out-one/img0.png",
+                                                "out-one/img1.json", "out-one/img1.png"]
+    assert "JobNotFound" not in log
+
+
+def test_a_reaper_requeues_only_the_jobs_of_its_own_broker(s3_server, s3_bucket, pg_database_url):
+    """Two brokers (Redis databases 0 and 1) sharing one job database: a reaper on broker 1 must
+    not pull broker 0's lost images onto its own queue, nor a `run`'s."""
+    import os
+    import uuid
+
+    import redis
+
+    from .test_pipeline import MODEL_ARGS, cli
+
+    queue = f"reap-{uuid.uuid4().hex[:8]}"
+    brokers = ["redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1"]
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="in/img0.png", Body=png_bytes(0))
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=pg_database_url, PANOPTIC_BROKER_URL=brokers[0],
+               PANOPTIC_STALE_PENDING_SECONDS="0")
+    submitted = cli("submit", f"s3://{s3_bucket}/in", "--dest", f"s3://{s3_bucket}/out", "--queue", queue,
+                    *MODEL_ARGS, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    store = JobStore(pg_database_url)
+    assert store.job(job_id).config["broker"] == brokers[0]
+    redis_of = [redis.Redis.from_url(url) for url in brokers]
+    try:
+        redis_of[0].delete(queue)                                   # the worker that took it was lost:
+        (image,) = store.images(job_id)
+        assert store.claim(image.id, "lost-worker", lease_seconds=0.01, job_id=job_id) is not None
+        embedded = store.create_job(name="run", source="/in", dest="/out", model="detr-r50", weights="random",
+                                    threshold=0.5, min_size=64, max_size=128,
+                                    config={"broker": "embedded", "queue": queue})     # a `run`'s job
+        (embedded_ids,) = store.add_images(embedded, [("a.png", "/in/a.png", None, 1)])
+        store.finalize_submission(embedded)
+        assert store.claim(embedded_ids[0], "a-run", lease_seconds=0.01) is not None
+        time.sleep(0.05)                                           # the leases have expired
+
+        other = cli("reap", env=dict(env, PANOPTIC_BROKER_URL=brokers[1]))
+        assert other.returncode == 0 and other.stdout.startswith("0 images re-queued"), other.stderr
+        assert store.image(image.id).state == "running" and redis_of[1].llen(queue) == 0
+
+        own = cli("reap", env=env)
+        assert own.returncode == 0 and own.stdout.startswith("1 images re-queued"), own.stderr
+        assert store.image(image.id).state == "pending" and redis_of[0].llen(queue) == 1
+        assert store.image(embedded_ids[0]).state == "running"   # the same `run` resumes it, not a reaper
+    finally:
+        for client in redis_of:
+            client.delete(queue)
