@@ -32,6 +32,7 @@ from storage.retry import retry_transient
 
 from . import metrics
 from .batching import AspectBatcher
+from .budget import PixelBudget, max_decoded_pixels, pixels_of
 from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
@@ -117,6 +118,8 @@ class _Decoded:
     image: Image.Image | None
     error: str | None
     decode_ms: float
+    # Downloaded, not decoded: no room in the pixel budget yet. (data, pixels, the ClaimedImage)
+    parked: tuple | None = None
 
 
 class _LeaseKeeper:
@@ -193,6 +196,8 @@ class ChunkProcessor:
     stop: threading.Event | None = None
     _predictor: Predictor | None = field(default=None, init=False, repr=False)
     _load_failure: tuple[ModelConfig, str, float] | None = field(default=None, init=False, repr=False)
+    # The chunk's decoded pixels in flight (worker.budget); a fresh one per chunk.
+    _budget: PixelBudget = field(default_factory=PixelBudget, init=False, repr=False)
 
     def predictor_for(self, job) -> Predictor:
         config = ModelConfig(model=job.model, weights=job.weights, threshold=job.threshold,
@@ -244,6 +249,7 @@ class ChunkProcessor:
             # settings fail the images with the reason, rather than leaving the job pending.
             return outcomes + self._fail_all(job.id, image_ids, token, f"model could not be loaded: {exc}")
         self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
+        self._budget = PixelBudget(max_decoded_pixels())
         leases = _LeaseKeeper(self.store, token)
         recorder = _Recorder(self.store, token, lambda extra, recorded: self._recorded(job, leases, extra, recorded))
         claimed = []
@@ -286,6 +292,7 @@ class ChunkProcessor:
         batcher = AspectBatcher(batch_size, predictor.config.min_size, predictor.config.max_size)
         window = max(IO_THREADS, 3 * batch_size)     # images downloading or decoded, not yet run
         waiting = iter(claimed)
+        parked: list[_Decoded] = []     # downloaded, waiting for room in the pixel budget to decode
         fetching: set[Future] = set()
         uploads: list[Future] = []
         done: set[int] = set()
@@ -293,7 +300,7 @@ class ChunkProcessor:
 
         def top_up() -> bool:
             """Start downloads while the window has room; False once all have started."""
-            while len(fetching) + batcher.held < window:
+            while len(fetching) + batcher.held + len(parked) < window:
                 image = next(waiting, None)
                 if image is None:
                     return False
@@ -308,14 +315,34 @@ class ChunkProcessor:
             done.update(d.image_id for d in batch)
             return True
 
+        def make_room() -> None:
+            """Parked images wait for pixels in flight to finish: run what is decoded (its
+            results free the room once recorded), else wait for uploads to end."""
+            nonlocal running
+            if batcher.held:
+                running = run(batcher.take_largest())
+            elif in_flight:
+                uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes,
+                                             recorder))
+            else:
+                self._budget.wait_for_room(0.5)
+
         running = True
         top_up()
-        while running and fetching:
+        while running and (fetching or parked):
+            while parked and self._budget.try_acquire(parked[0].image_id, parked[0].parked[1]):
+                fetching.add(pool.submit(self._decode_parked, parked.pop(0), predictor.config.max_pixels,
+                                         predictor.config.max_bytes))
+            if not fetching:
+                make_room()
+                continue
             finished, _ = wait(fetching, return_when=FIRST_COMPLETED)
             for future in finished:
                 fetching.discard(future)
                 decoded = future.result()
-                if decoded.image is None:
+                if decoded.parked is not None:
+                    parked.append(decoded)
+                elif decoded.image is None:
                     outcomes.append(self._fail(decoded.image_id, token, leases, decoded.error, decoded.key))
                     done.add(decoded.image_id)
                 elif (batch := batcher.add(decoded)) and not (running := run(batch)):
@@ -380,15 +407,31 @@ class ChunkProcessor:
             # Transient store errors (5xx, SlowDown, resets) are retried with backoff; permanent
             # ones (not found, denied) and undecodable bytes fail this image at once.
             data = retry_transient(lambda: objects.read_bytes(image.uri), what=f"read {image.uri}")
+            pixels = pixels_of(data)
+            if not self._budget.try_acquire(image.id, pixels):       # decoded later, when there is room
+                return _Decoded(image.id, image.key, image.uri, None, None, (time.perf_counter() - start) * 1e3,
+                                parked=(data, pixels, image))
             decoded = decode_image(data, max_pixels, max_bytes)
             error = None
         except Exception as exc:            # a bad image fails alone, with its reason
             decoded, error = None, f"{type(exc).__name__}: {exc}"
         return _Decoded(image.id, image.key, image.uri, decoded, error, (time.perf_counter() - start) * 1e3)
 
+    def _decode_parked(self, parked: _Decoded, max_pixels, max_bytes=None) -> _Decoded:
+        """Decode an image that waited for room in the pixel budget (its room is taken)."""
+        start = time.perf_counter()
+        data, _, _ = parked.parked
+        try:
+            decoded, error = decode_image(data, max_pixels, max_bytes), None
+        except Exception as exc:
+            decoded, error = None, f"{type(exc).__name__}: {exc}"
+        return _Decoded(parked.image_id, parked.key, parked.uri, decoded, error,
+                        parked.decode_ms + (time.perf_counter() - start) * 1e3)
+
     def _fail(self, image_id: int, token: str, leases: _LeaseKeeper, error: str,
               key: str | None = None) -> ImageOutcome:
         """Record a per-image failure under this chunk's claim and stop renewing its lease."""
+        self._budget.release(image_id)
         _report_failure(image_id, key, error, self.store.record_failure(image_id, token, error))
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
@@ -458,6 +501,7 @@ class ChunkProcessor:
                         lambda: self.store.holds_claim(d.image_id, token))
             except ClaimLost as exc:
                 leases.drop(d.image_id)
+                self._budget.release(d.image_id)
                 return _report_refused(d.image_id, d.key, str(exc))
             except Exception as exc:
                 return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
@@ -484,5 +528,8 @@ class ChunkProcessor:
                         extra={"image_id": d.image_id, "key": d.key, "refused": outcome.error})
         # After the result is recorded: an overlay is an extra that never fails or delays the
         # image, and its rendering does not count as upload time.
-        if job.config.get("overlays") and recorded:
-            write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
+        try:
+            if job.config.get("overlays") and recorded:
+                write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
+        finally:
+            self._budget.release(d.image_id)        # its pixels are no longer needed
