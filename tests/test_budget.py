@@ -49,7 +49,7 @@ def test_images_wait_for_room_in_the_pixel_budget(tmp_path, monkeypatch):
     assert processor._budget.in_use == 0                                # all given back at the end
 
 
-@pytest.mark.parametrize("value, expected", [("", 200_000_000), ("0", None), ("5000", 5000)])
+@pytest.mark.parametrize("value, expected", [("", 100_000_000), ("0", None), ("5000", 5000)])
 def test_the_budget_is_configurable(monkeypatch, value, expected):
     from worker.budget import max_decoded_pixels
 

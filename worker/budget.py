@@ -20,8 +20,8 @@ from PIL import Image
 __all__ = ["BUDGET_ENV", "DEFAULT_MAX_DECODED_PIXELS", "PixelBudget", "max_decoded_pixels", "pixels_of"]
 
 BUDGET_ENV = "PANOPTIC_MAX_DECODED_PIXELS"
-# Two images at the default --max-pixels (100 M) at once, or ~16 twelve-megapixel photos.
-DEFAULT_MAX_DECODED_PIXELS = 200_000_000
+# One image at the default --max-pixels (100 M) at a time, or eight twelve-megapixel photos.
+DEFAULT_MAX_DECODED_PIXELS = 100_000_000
 
 
 def max_decoded_pixels() -> int | None:
