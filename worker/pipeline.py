@@ -266,9 +266,10 @@ class ChunkProcessor:
             for image in claimed:
                 self.store.release(image.id, token, count_attempt=True)
             raise
-        except BaseException:
-            # Stopped at once (a second Ctrl-C in `run`, a soft time limit): what is not done goes
-            # back to pending for the next run or worker (release skips what is recorded already).
+        except KeyboardInterrupt:
+            # Stopped at once (a second Ctrl-C in `run`): what is not done goes back to pending for
+            # the next run (release skips what is recorded already). Other errors leave the leases
+            # to expire, so that the attempt counts should the image be why.
             for image in claimed:
                 self.store.release(image.id, token)
             raise
@@ -408,6 +409,8 @@ class ChunkProcessor:
             # ones (not found, denied) and undecodable bytes fail this image at once.
             data = retry_transient(lambda: objects.read_bytes(image.uri), what=f"read {image.uri}")
             pixels = pixels_of(data)
+            if max_pixels and pixels > max_pixels:
+                pixels = 0          # refused by decode_image before it decodes anything
             if not self._budget.try_acquire(image.id, pixels):       # decoded later, when there is room
                 return _Decoded(image.id, image.key, image.uri, None, None, (time.perf_counter() - start) * 1e3,
                                 parked=(data, pixels, image))
