@@ -18,12 +18,16 @@ narrows the window to a few system calls but cannot close it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from storage import objects
 from storage.retry import retry_transient
 
 __all__ = ["ClaimLost", "publish"]
+
+log = logging.getLogger(__name__)
+_warned_unconditional: list[bool] = []      # once per process
 
 # Looks before giving up when every conditional write finds the object changed again while the
 # claim still holds (another job writing the same DEST at the same time).
@@ -34,12 +38,22 @@ class ClaimLost(RuntimeError):
     """The claim expired or another worker took the image: its outputs were not written."""
 
 
-def _seen(uri: str) -> str | None:
-    """The object's etag, or None when there is none yet."""
+def _seen(uri: str):
+    """The object's etag, or None when there is none yet; objects.ANY when this worker may not
+    look (a policy granting PutObject on DEST but not GetObject: S3 answers 403), in which case
+    the write is checked against the claim only."""
     try:
         return retry_transient(lambda: objects.stat(uri).etag, what=f"stat {uri}")
     except objects.ObjectNotFound:
         return None
+    except objects.ObjectStoreError as exc:
+        if "AccessDenied" not in str(exc) and "403" not in str(exc):
+            raise
+        if not _warned_unconditional:
+            _warned_unconditional.append(True)
+            log.warning("cannot read outputs in DEST (%s): they are written after checking the claim, but not "
+                        "conditionally; grant the workers s3:GetObject on DEST to close that window", exc)
+        return objects.ANY
 
 
 def publish(outputs: Sequence[tuple[str, bytes, str]], holds_claim: Callable[[], bool]) -> None:
