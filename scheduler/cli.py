@@ -376,8 +376,8 @@ def retry(job_id):
     reopened = job.state in ("cancelled", "interrupted")
     what = "failed and pending images" if reopened else "failed images"
     click.echo(f"job {job.id}: {len(ids)} {what} "
-               + ("pending again: run the same `panoptic-batch run` command to process them" if embedded
-                  else "queued again")
+               + ("pending again: run the same `panoptic-batch run` command to process them"
+                  if embedded and (ids or reopened) else "queued again")
                + (f"; {left} left failed: their outputs would overwrite another image's" if left else ""))
 
 
