@@ -30,7 +30,8 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from sqlalchemy import Connection, Text, any_, bindparam, case, delete, func, insert, or_, select, text, update
+from sqlalchemy import (Connection, Text, any_, bindparam, case, column, delete, func, insert, or_, select, table,
+                        update)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
@@ -320,13 +321,15 @@ def _database_id(url: str) -> str:
     engine = get_engine(url)
     if engine.dialect.name != "postgresql":
         return "sqlite:" + hashlib.sha256(str(engine.url.database).encode()).hexdigest()[:16]
+    databases = table("pg_database", column("oid"), column("datname"))
+    control = func.pg_control_system().table_valued("system_identifier")
     with engine.connect() as conn:
-        oid = conn.scalar(text("SELECT oid FROM pg_database WHERE datname = current_database()"))
+        oid = conn.scalar(select(databases.c.oid).where(databases.c.datname == func.current_database()))
         try:
-            cluster = conn.scalar(text("SELECT system_identifier FROM pg_control_system()"))
+            cluster = conn.scalar(select(control.c.system_identifier))
         except DBAPIError:          # not allowed on some hosted services: the name tells clusters apart less well
             conn.rollback()
-            cluster = conn.scalar(text("SELECT current_database()"))
+            cluster = conn.scalar(select(func.current_database()))
     return f"postgresql:{cluster}:{oid}"
 
 
