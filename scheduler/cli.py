@@ -209,6 +209,8 @@ def check_broker(dispatcher) -> None:
 @model_options
 def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
+    from dataclasses import replace
+
     from worker.weights_source import check_weights_available
 
     from .dispatch import Dispatcher
@@ -216,7 +218,8 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
 
     spec = job_spec(source, dest, chunk_size, includes, name, options, queue=queue)
     store = open_store()
-    dispatcher = Dispatcher()
+    dispatcher = Dispatcher(store)
+    spec = replace(spec, config={**spec.config, "broker": dispatcher.broker})     # its reapers' jobs
 
     def before_recording():           # what workers would fail every image on, checked first
         check_broker(dispatcher)
@@ -237,49 +240,76 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
 def run(source, dest, chunk_size, includes, name, force, **options):
     """Submit and process SOURCE in this process: no broker, no servers (SQLite by default).
 
-    Exits 0 when every image succeeded, 1 when some failed (and lists them)."""
-    from .submit import submit as submit_job
+    Exits 0 when every image succeeded, 1 when some failed (and lists them). Ctrl-C (SIGINT) or
+    SIGTERM stops it after the current batch (a second one at once): the unfinished images are
+    given back, the job is marked interrupted, and the same command resumes it."""
+    from .embedded import StopOnSignals, embedded_spec
+    from .submit import chunked, submit as submit_job
 
-    spec = job_spec(source, dest, chunk_size, includes, name, options)
+    spec = embedded_spec(job_spec(source, dest, chunk_size, includes, name, options), force)
     store = open_store()
     chunks: list[tuple[str, list[int]]] = []
     processor = None
+    with StopOnSignals() as stopping:
 
-    def load_model():                 # before recording, after the cheaper checks: weights that cannot load refuse
-        nonlocal processor
-        from types import SimpleNamespace
+        def load_model():             # before recording, after the cheaper checks: weights that cannot load refuse
+            nonlocal processor
+            from types import SimpleNamespace
 
-        from worker.heap import keep_freed_memory
-        from worker.weights_source import check_weights_available
-        check_weights_available(spec.weights, spec.model)          # fast (no torch): a missing file, offline
-        from worker.pipeline import ChunkProcessor, DeviceFailure
-        check_worker_settings(options["device"], options["precision"])
-        keep_freed_memory()
-        processor = ChunkProcessor(store, device=options["device"], precision=options["precision"])
+            from worker.heap import keep_freed_memory
+            from worker.weights_source import check_weights_available
+            check_weights_available(spec.weights, spec.model)          # fast (no torch): a missing file, offline
+            from worker.pipeline import ChunkProcessor, DeviceFailure
+            check_worker_settings(options["device"], options["precision"])
+            keep_freed_memory()
+            processor = ChunkProcessor(store, device=options["device"], precision=options["precision"],
+                                       stop=stopping.event)
+            try:
+                processor.predictor_for(SimpleNamespace(model=spec.model, weights=spec.weights,
+                                                        threshold=spec.threshold, min_size=spec.min_size,
+                                                        max_size=spec.max_size, config=spec.config))
+            except DeviceFailure as exc:
+                raise click.ClickException(f"device failure: {exc}") from exc
+            except ValueError as exc:     # settings the model refuses
+                raise CommandError(str(exc), EXIT_USAGE) from exc
+
+        resumed = store.find_interrupted(spec.config["run_key"])
         try:
-            processor.predictor_for(SimpleNamespace(model=spec.model, weights=spec.weights, threshold=spec.threshold,
-                                                    min_size=spec.min_size, max_size=spec.max_size, config=spec.config))
-        except DeviceFailure as exc:
-            raise click.ClickException(f"device failure: {exc}") from exc
-        except ValueError as exc:     # settings the model refuses
-            raise CommandError(str(exc), EXIT_USAGE) from exc
-
-    job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force,
-                        before_recording=load_model)
-    from .progress import JobProgress, stdout_console
-    try:
-        with JobProgress(job_id, store.job(job_id).total, stdout_console()) as progress:
-            for job, ids in chunks:
-                processor.process(job, ids)
-                now = store.job(job_id)
-                progress.update(now.succeeded + now.failed, now.failed)
-    except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
-        if type(exc).__name__ in ("WeightsError", "ValueError"):
-            raise click.ClickException(str(exc)) from exc
-        if type(exc).__name__ == "DeviceFailure":
-            raise click.ClickException(f"device failure: {exc}; the job's unfinished images are pending again: "
-                                       "run again once the device works (done images are skipped)") from exc
-        raise
+            if resumed:
+                load_model()
+                job_id = resumed
+                chunks = [(job_id, ids) for ids in chunked(store.resume(job_id), chunk_size)]
+                click.echo(f"resuming interrupted job {job_id}: {sum(len(ids) for _, ids in chunks)} images left")
+            else:
+                job_id = submit_job(store, spec, lambda job, ids: chunks.append((job, ids)), force=force,
+                                    before_recording=load_model)
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted while listing SOURCE: nothing was processed") from None
+        from .progress import JobProgress, stdout_console
+        try:
+            with JobProgress(job_id, store.job(job_id).total, stdout_console()) as progress:
+                for job, ids in chunks:
+                    if stopping.requested:
+                        break
+                    processor.process(job, ids)
+                    now = store.job(job_id)
+                    progress.update(now.succeeded + now.failed, now.failed)
+        except KeyboardInterrupt:
+            pass                        # the second signal: the chunk gave its claims back already
+        except Exception as exc:   # a model that cannot load (weights, device): say why, not a traceback
+            if type(exc).__name__ in ("WeightsError", "ValueError"):
+                raise click.ClickException(str(exc)) from exc
+            if type(exc).__name__ == "DeviceFailure":
+                raise click.ClickException(f"device failure: {exc}; the job's unfinished images are pending again: "
+                                           "run again once the device works (done images are skipped)") from exc
+            raise
+        stopping.settle()
+        if stopping.requested and store.interrupt(job_id):
+            status = store.job(job_id)
+            click.echo(f"job {job_id}: interrupted, {status.succeeded + status.failed} of {status.total} done, "
+                       f"{status.pending} left: run the same command again to resume it", err=True)
+            click.echo(job_id)
+            sys.exit(stopping.exit_code)
     status = store.job(job_id)
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
                f"{status.failed} failed{skipped_note(status)}")
@@ -346,23 +376,32 @@ def cancel(job_id):
 @click.argument("job_id")
 def retry(job_id):
     """Queue a job's failed images again (only those; images whose outputs would overwrite
-    another image's stay failed)."""
-    from storage.jobs import JobStateError
-
+    another image's stay failed). A cancelled or interrupted job is reopened: its pending images
+    are queued again too (a job of `run`: run the same command again to process them)."""
     from .dispatch import Dispatcher, requeue
+    from .embedded import EMBEDDED_BROKER
     from .submit import OUTPUT_CONFLICT
 
     store = open_store()
     job = find_job(store, job_id)
-    dispatcher = Dispatcher()
-    check_broker(dispatcher)          # before the failed images become pending with nobody to queue them
-    try:
-        ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT)
-    except JobStateError as exc:
-        raise click.ClickException(str(exc)) from exc
-    requeue(store, dispatcher, job.id, ids)
+    embedded = job.config.get("broker") == EMBEDDED_BROKER
+    dispatcher = None if embedded else Dispatcher(store)
+    if dispatcher is not None and job.config.get("broker") not in (None, dispatcher.broker):
+        from worker.text import printable
+        raise click.ClickException(f"job {job.id} was submitted through the broker {printable(job.config['broker'])}, "
+                                   f"not {printable(dispatcher.broker)}: retry it with that PANOPTIC_BROKER_URL")
+    if dispatcher is not None:
+        check_broker(dispatcher)      # before the failed images become pending with nobody to queue them
+    ids = store.reset_failed(job.id, unless_error_starts=OUTPUT_CONFLICT,
+                             reopen_as="interrupted" if embedded else "running")
+    if dispatcher is not None:
+        requeue(store, dispatcher, job.id, ids)
     left = sum(1 for image in store.images(job.id, state="failed") if (image.error or "").startswith(OUTPUT_CONFLICT))
-    click.echo(f"job {job.id}: {len(ids)} failed images queued again"
+    reopened = job.state in ("cancelled", "interrupted")
+    what = "failed and pending images" if reopened else "failed images"
+    click.echo(f"job {job.id}: {len(ids)} {what} "
+               + ("pending again: run the same `panoptic-batch run` command to process them"
+                  if embedded and (ids or reopened) else "queued again")
                + (f"; {left} left failed: their outputs would overwrite another image's" if left else ""))
 
 
@@ -372,7 +411,8 @@ def reap():
     messages were lost (their queue is empty; see $PANOPTIC_STALE_PENDING_SECONDS). Workers do this
     themselves every $PANOPTIC_REAP_INTERVAL seconds; this runs one pass now (e.g. from cron)."""
     from .dispatch import Dispatcher, reap as reap_once
-    store, dispatcher = open_store(), Dispatcher()
+    store = open_store()
+    dispatcher = Dispatcher(store)
     check_broker(dispatcher)          # before expired claims are released with nobody to queue them
     click.echo(f"{reap_once(store, dispatcher)} images re-queued")
 
@@ -449,7 +489,7 @@ def _watch(store, job_id: str, interval: float) -> None:
         with JobProgress(job_id, job.total, stdout_console()) as progress:
             while True:
                 progress.update(job.succeeded + job.failed, job.failed, total=job.total)
-                if job.finished:
+                if job.finished or job.state == "interrupted":       # nothing runs it until resumed
                     break
                 time.sleep(interval)
                 job = store.job(job_id)

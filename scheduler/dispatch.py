@@ -41,15 +41,27 @@ def stale_pending_seconds() -> float:
 
 
 class Dispatcher:
-    """Sends chunk tasks by name, so the scheduler never imports the model code."""
+    """Sends chunk tasks by name, so the scheduler never imports the model code.
 
-    def __init__(self):
+    Each message carries the identity of the database its job is in (``store``'s, when given, or
+    the ``database`` passed to :meth:`enqueue`): a worker connected to another database leaves it
+    on the broker for a worker of its own deployment. ``broker`` is the broker's masked URL, as
+    recorded with the jobs submitted through it."""
+
+    def __init__(self, store: JobStore | None = None):
+        from storage.objects import mask_url
         from worker.queue import DEFAULT_QUEUE, TASK_NAME, app
         self.app, self.task_name, self.default_queue = app, TASK_NAME, DEFAULT_QUEUE
+        self.broker = mask_url(str(app.conf.broker_url))
+        self.store = store
         self.sent = 0
 
-    def enqueue(self, job_id: str, image_ids: list[int], queue: str | None = None) -> None:
-        self.app.send_task(self.task_name, args=[job_id, list(image_ids)], queue=queue or self.default_queue,
+    def enqueue(self, job_id: str, image_ids: list[int], queue: str | None = None, database: str | None = None) -> None:
+        if database is None and self.store is not None:
+            database = self.store.database_id()
+        self.app.send_task(self.task_name, args=[job_id, list(image_ids)],
+                           kwargs={} if database is None else {"database": database},
+                           queue=queue or self.default_queue,
                            retry=True, retry_policy={"max_retries": 10, "interval_start": 0.5,
                                                      "interval_step": 1.0, "interval_max": 10.0})
         self.sent += 1
@@ -81,15 +93,18 @@ class Dispatcher:
 def requeue(store: JobStore, dispatcher: Dispatcher, job_id: str, image_ids: list[int]) -> int:
     """Queue `image_ids` of a job again, in the job's chunk size and on its queue."""
     job = store.job(job_id)
+    database = store.database_id()
     for chunk in chunked(image_ids, job.config.get("chunk_size", DEFAULT_CHUNK_SIZE)):
-        dispatcher.enqueue(job.id, chunk, job.config.get("queue"))
+        dispatcher.enqueue(job.id, chunk, job.config.get("queue"), database=database)
     return len(image_ids)
 
 
 def reap(store: JobStore, dispatcher: Dispatcher) -> int:
     """Re-queue every running image whose lease has expired, and the pending images whose
-    messages were lost (see :func:`requeue_lost`); returns how many."""
-    released = store.release_expired()
+    messages were lost (see :func:`requeue_lost`); returns how many. Only jobs submitted through
+    this dispatcher's broker (or older jobs that recorded none) are touched: another deployment
+    sharing the database re-queues its own, and a job of `run` is resumed by its `run`."""
+    released = store.release_expired(broker=dispatcher.broker)
     total = sum(requeue(store, dispatcher, job_id, ids) for job_id, ids in released.items())
     if total:
         log.warning("re-queued %d images whose worker was lost (lease expired)", total)
@@ -102,7 +117,7 @@ def requeue_lost(store: JobStore, dispatcher: Dispatcher, stale_after: float | N
     stale_after = stale_pending_seconds() if stale_after is None else stale_after
     empty: dict[str, bool] = {}
     total = 0
-    for job_id, config in store.active_jobs():
+    for job_id, config in store.active_jobs(broker=dispatcher.broker):
         queue = config.get("queue") or dispatcher.default_queue
         if queue not in empty:
             empty[queue] = dispatcher.queued(queue) == 0

@@ -21,6 +21,7 @@ Every method opens and closes its own transaction and returns plain dataclasses 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,7 +30,8 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from sqlalchemy import Connection, Text, any_, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import (Connection, Text, any_, bindparam, case, column, delete, func, insert, or_, select, table,
+                        update)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
@@ -49,6 +51,8 @@ classes_t = ImageClass.__table__
 
 TIMING_FIELDS = ("decode_ms", "model_ms", "postprocess_ms", "upload_ms")
 _ACTIVE_JOB_STATES = ("pending", "running")
+# Stopped before the end, by `cancel` or by an interrupted `run`: `retry` (or the same `run`) reopens them.
+_STOPPED_JOB_STATES = ("cancelled", "interrupted")
 _MIN_PREFIX = 4
 _HEX = re.compile(r"^[0-9a-f]+$")
 _IN_CHUNK = 500  # ids per IN (…) list
@@ -304,6 +308,29 @@ def _pg_insert_images():
             .from_select(["job_id", "key", "uri", "etag", "size", "state", "attempts", "updated_at"], query)
             .on_conflict_do_nothing(index_elements=["job_id", "key"])
             .returning(images_t.c.id))
+
+
+def _of_broker(broker: str):
+    """Jobs whose config records ``broker``, or no broker at all (jobs older than the record)."""
+    recorded = jobs_t.c.config["broker"].as_string()
+    return or_(recorded == broker, recorded.is_(None))
+
+
+@functools.cache
+def _database_id(url: str) -> str:
+    engine = get_engine(url)
+    if engine.dialect.name != "postgresql":
+        return "sqlite:" + hashlib.sha256(str(engine.url.database).encode()).hexdigest()[:16]
+    databases = table("pg_database", column("oid"), column("datname"))
+    control = func.pg_control_system().table_valued("system_identifier")
+    with engine.connect() as conn:
+        oid = conn.scalar(select(databases.c.oid).where(databases.c.datname == func.current_database()))
+        try:
+            cluster = conn.scalar(select(control.c.system_identifier))
+        except DBAPIError:          # not allowed on some hosted services: the name tells clusters apart less well
+            conn.rollback()
+            cluster = conn.scalar(select(func.current_database()))
+    return f"postgresql:{cluster}:{oid}"
 
 
 class JobStore:
@@ -593,7 +620,8 @@ class JobStore:
         return self._write(tx)
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a pending or running job (claims stop; results of images in flight still count).
+        """Cancel a pending, running or interrupted job (claims stop; results of images in flight
+        still count). `retry` undoes it.
 
         Returns False when the job had already finished or been cancelled.
         """
@@ -602,30 +630,82 @@ class JobStore:
         def tx(conn: Connection) -> bool:
             full_id = self._resolve(conn, job_id)
             result = conn.execute(update(jobs_t)
-                                  .where(jobs_t.c.id == full_id, jobs_t.c.state.in_(_ACTIVE_JOB_STATES))
+                                  .where(jobs_t.c.id == full_id,
+                                         jobs_t.c.state.in_(_ACTIVE_JOB_STATES + ("interrupted",)))
                                   .values(state="cancelled", finished_at=now))
             return result.rowcount == 1
 
         return self._write(tx)
 
-    def reset_failed(self, job_id: str, unless_error_starts: str | None = None) -> list[int]:
+    def interrupt(self, job_id: str) -> bool:
+        """Mark a pending or running job interrupted (its `run` was stopped; its claims are given
+        back by then). Returns False when the job had finished or was cancelled meanwhile."""
+        def tx(conn: Connection) -> bool:
+            full_id = self._resolve(conn, job_id)
+            return conn.execute(update(jobs_t)
+                                .where(jobs_t.c.id == full_id, jobs_t.c.state.in_(_ACTIVE_JOB_STATES))
+                                .values(state="interrupted")).rowcount == 1
+
+        return self._write(tx)
+
+    def find_interrupted(self, run_key: str) -> str | None:
+        """The newest interrupted job whose config has this ``run_key`` (the same `run` command)."""
+        return self._query(lambda conn: conn.scalar(
+            select(jobs_t.c.id)
+            .where(jobs_t.c.state == "interrupted", jobs_t.c.config["run_key"].as_string() == run_key)
+            .order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(1)))
+
+    def resume(self, job_id: str) -> list[int]:
+        """Reopen an interrupted job for the process that resumes it: running again, and every image
+        of it still running goes back to pending (its holder, if any, was the interrupted run:
+        its token is void). Returns the pending image ids, to process. JobStateError unless the
+        job is interrupted."""
+        now = utcnow()
+
+        def tx(conn: Connection) -> list[int]:
+            full_id = self._resolve(conn, job_id)
+            reopened = conn.execute(update(jobs_t).where(jobs_t.c.id == full_id, jobs_t.c.state == "interrupted")
+                                    .values(state="running",
+                                            started_at=func.coalesce(jobs_t.c.started_at, now))).rowcount
+            if reopened != 1:
+                raise JobStateError(f"job {full_id} is not interrupted; it cannot be resumed")
+            conn.execute(update(images_t).where(images_t.c.job_id == full_id, images_t.c.state == "running")
+                         .values(state="pending", lease_token=None, lease_expires_at=None, updated_at=now))
+            self._maybe_finish(conn, full_id, now)      # nothing was left (a retry that found nothing)
+            return list(conn.scalars(select(images_t.c.id).where(images_t.c.job_id == full_id,
+                                                                 images_t.c.state == "pending")
+                                     .order_by(images_t.c.id)).all())
+
+        return self._write(tx)
+
+    def reset_failed(self, job_id: str, unless_error_starts: str | None = None,
+                     reopen_as: str = "running") -> list[int]:
         """Failed images back to pending (attempts and error cleared); the job runs again.
 
         Images whose error starts with ``unless_error_starts`` stay failed (failures that running
-        again would not mend, or would make harmful). Returns the ids to enqueue. Raises
-        JobStateError for a cancelled job.
+        again would not mend, or would make harmful). A cancelled or interrupted job is reopened
+        (see :meth:`reset_images`). Returns the ids to enqueue.
         """
-        return self.reset_images(job_id, states=("failed",), unless_error_starts=unless_error_starts)
+        return self.reset_images(job_id, states=("failed",), unless_error_starts=unless_error_starts,
+                                 reopen_as=reopen_as)
 
     def reset_images(self, job_id: str, image_ids: Iterable[int] | None = None,
-                     states: Iterable[str] = ("failed",), unless_error_starts: str | None = None) -> list[int]:
+                     states: Iterable[str] = ("failed",), unless_error_starts: str | None = None,
+                     reopen_as: str = "running") -> list[int]:
         """Put finished images (``states`` among failed/succeeded) back to pending for reprocessing.
 
         Counters are decremented and a reset image's class rows are dropped in the same
         transaction; the job goes back to running. Running images cannot be reset (their lease
         holder would still write), nor images whose error starts with ``unless_error_starts``.
         Returns the ids reset.
+
+        The job goes to state ``reopen_as``: ``running``, or ``interrupted`` for a job of `run`
+        (which has no broker: the same `run` command resumes it). A cancelled or interrupted job
+        is reopened so, and its pending images are returned too: their queued messages were
+        dropped while it was stopped.
         """
+        if reopen_as not in ("running", "interrupted"):
+            raise ValueError("a job is reopened as running or interrupted")
         states = tuple(states)
         if not states or set(states) - {"failed", "succeeded"}:
             raise ValueError("only failed and succeeded images can be reset")
@@ -635,8 +715,10 @@ class JobStore:
         def tx(conn: Connection) -> list[int]:
             full_id = self._resolve(conn, job_id)
             job_state = conn.scalar(select(jobs_t.c.state).where(jobs_t.c.id == full_id))
-            if job_state == "cancelled":
-                raise JobStateError(f"job {full_id} is cancelled; it cannot be retried")
+            stopped = job_state in _STOPPED_JOB_STATES
+            # Before the reset below adds to them: the images that waited when the job stopped.
+            waiting = list(conn.scalars(select(images_t.c.id).where(
+                images_t.c.job_id == full_id, images_t.c.state == "pending")).all()) if stopped else []
             reset: list[tuple[int, str]] = []
             groups = [None] if wanted is None else list(_chunks(wanted, _IN_CHUNK))
             for group in groups:
@@ -657,18 +739,20 @@ class JobStore:
                                      lease_expires_at=None, updated_at=now))
                 conn.execute(delete(classes_t).where(classes_t.c.image_id.in_(ids)))
                 reset.extend((row.id, row.state) for row in old)
-            if not reset:
+            if not reset and not stopped:
                 return []
             n_failed = sum(1 for _, s in reset if s == "failed")
             n_succeeded = len(reset) - n_failed
             conn.execute(update(jobs_t).where(jobs_t.c.id == full_id).values(
                 failed=jobs_t.c.failed - n_failed,
                 succeeded=jobs_t.c.succeeded - n_succeeded,
-                state="running",
+                state=reopen_as,
                 started_at=func.coalesce(jobs_t.c.started_at, jobs_t.c.created_at),
                 finished_at=None,
             ))
-            return sorted(i for i, _ in reset)
+            if stopped:
+                self._maybe_finish(conn, full_id, now)     # un-cancelled with nothing left to do
+            return sorted([i for i, _ in reset] + waiting)
 
         return self._write(tx)
 
@@ -713,18 +797,21 @@ class JobStore:
 
     # -- images ---------------------------------------------------------------------------------
 
-    def claim(self, image_id: int, token: str, lease_seconds: float) -> ClaimedImage | None:
+    def claim(self, image_id: int, token: str, lease_seconds: float, job_id: str | None = None) -> ClaimedImage | None:
         """Take the image (pending, or running with an expired lease) for ``token``; None if not.
 
-        Also None when the job is cancelled. Moves a pending job to running on its first claim.
+        Also None when the job is cancelled, or when ``job_id`` is given and the image is not
+        one of that job's. Moves a pending job to running on its first claim.
         """
-        claimed = self.claim_many([image_id], token, lease_seconds)
+        claimed = self.claim_many([image_id], token, lease_seconds, job_id=job_id)
         return claimed[0] if claimed else None
 
-    def claim_many(self, image_ids: Iterable[int], token: str, lease_seconds: float) -> list[ClaimedImage]:
+    def claim_many(self, image_ids: Iterable[int], token: str, lease_seconds: float,
+                   job_id: str | None = None) -> list[ClaimedImage]:
         """`claim` for several images in one transaction (a worker claims its chunk at once):
-        the images taken, in the order given; the others are done, held by someone else, or
-        their job is cancelled."""
+        the images taken, in the order given; the others are done, held by someone else, their
+        job is cancelled, or (``job_id`` given) they are not that job's: a chunk message names
+        its job, and an image of another job must never be processed into this one's DEST."""
         _check_token(token)
         order = {int(image_id): i for i, image_id in enumerate(image_ids)}
         if not order:
@@ -738,24 +825,55 @@ class JobStore:
                         .exists())
             claimable = (images_t.c.state == "pending") | (
                 (images_t.c.state == "running") & (images_t.c.lease_expires_at < now))
+            own = [] if job_id is None else [images_t.c.job_id == job_id]
             rows = []
             for group in _chunks(sorted(order), _IN_CHUNK):
                 rows += conn.execute(
                     update(images_t)
-                    .where(images_t.c.id.in_(group), claimable, job_live)
+                    .where(images_t.c.id.in_(group), claimable, job_live, *own)
                     .values(state="running", lease_token=token, lease_expires_at=expires,
                             attempts=images_t.c.attempts + 1, updated_at=now)
                     .returning(images_t.c.id, images_t.c.job_id, images_t.c.key, images_t.c.uri,
                                images_t.c.etag, images_t.c.attempts, images_t.c.size)
                 ).all()
-            for job_id in sorted({row.job_id for row in rows}):
-                conn.execute(update(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.state == "pending")
+            for started in sorted({row.job_id for row in rows}):
+                conn.execute(update(jobs_t).where(jobs_t.c.id == started, jobs_t.c.state == "pending")
                              .values(state="running", started_at=now))
             return [ClaimedImage(id=row.id, job_id=row.job_id, key=row.key, uri=row.uri, etag=row.etag,
                                  attempts=row.attempts, size=row.size)
                     for row in sorted(rows, key=lambda row: order[row.id])]
 
         return self._write(tx)
+
+    def images_outside_job(self, job_id: str, image_ids: Iterable[int]) -> dict[int, str | None]:
+        """Of ``image_ids``, those that are not images of ``job_id``: id → the job they belong
+        to, or None for an id no image has."""
+        ids = sorted({int(i) for i in image_ids})
+
+        def query(conn: Connection) -> dict[int, str | None]:
+            owners: dict[int, str] = {}
+            for group in _chunks(ids, _IN_CHUNK):
+                owners.update(conn.execute(select(images_t.c.id, images_t.c.job_id)
+                                           .where(images_t.c.id.in_(group))).all())
+            return {i: owners.get(i) for i in ids if owners.get(i) != job_id}
+
+        return self._query(query)
+
+    def database_id(self) -> str:
+        """What tells this database from any other, the same from every client (chunk messages
+        carry it, so that a worker connected to another database leaves them on the broker):
+        PostgreSQL's cluster system identifier and the database's oid; SQLite's file path."""
+        return _database_id(self.engine.url.render_as_string(hide_password=False))
+
+    def holds_claim(self, image_id: int, token: str) -> bool:
+        """Whether ``token`` still holds the image: running under it, lease not expired. While it
+        does, no other claim on the image can have been made since this one."""
+        _check_token(token)
+        now = utcnow()
+        return self._query(lambda conn: conn.scalar(
+            select(images_t.c.id).where(images_t.c.id == image_id, images_t.c.lease_token == token,
+                                        images_t.c.state == "running", images_t.c.lease_expires_at > now)
+        ) is not None)
 
     def heartbeat(self, token: str, image_ids: Iterable[int], lease_seconds: float) -> int:
         """Extend the leases ``token`` still holds among ``image_ids``; returns how many."""
@@ -931,15 +1049,19 @@ class JobStore:
 
         self._write(tx)
 
-    def release_expired(self, limit: int = 10_000) -> dict[str, list[int]]:
+    def release_expired(self, limit: int = 10_000, broker: str | None = None) -> dict[str, list[int]]:
         """Running images whose lease expired go back to pending, their old token void (a late
-        result from the lost worker is refused); returns {job id: image ids} to queue again."""
+        result from the lost worker is refused); returns {job id: image ids} to queue again.
+
+        ``broker``: only images of jobs submitted through it (see :meth:`active_jobs`)."""
         now = utcnow()
+        of_broker = [] if broker is None else [images_t.c.job_id.in_(
+            select(jobs_t.c.id).where(_of_broker(broker)).scalar_subquery())]
 
         def tx(conn: Connection) -> dict[str, list[int]]:
             rows = conn.execute(
                 select(images_t.c.id, images_t.c.job_id)
-                .where(images_t.c.state == "running", images_t.c.lease_expires_at < now)
+                .where(images_t.c.state == "running", images_t.c.lease_expires_at < now, *of_broker)
                 .order_by(images_t.c.id).limit(limit).with_for_update(skip_locked=True)).all()
             by_job: dict[str, list[int]] = {}
             for group in _chunks([r.id for r in rows], _IN_CHUNK):
@@ -953,11 +1075,16 @@ class JobStore:
 
         return self._write(tx)
 
-    def active_jobs(self) -> list[tuple[str, dict[str, Any]]]:
-        """``(id, config)`` of every fully submitted job that is still pending or running, oldest first."""
+    def active_jobs(self, broker: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """``(id, config)`` of every fully submitted job that is still pending or running, oldest first.
+
+        ``broker``: only the jobs submitted through that broker (the masked URL recorded in their
+        config as ``broker``), and older jobs that recorded none: a reaper re-queues only its own
+        broker's jobs, never another deployment's that shares this database, nor a `run`'s."""
         return self._query(lambda conn: [(row.id, dict(row.config or {})) for row in conn.execute(
             select(jobs_t.c.id, jobs_t.c.config)
-            .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None))
+            .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None),
+                   *([] if broker is None else [_of_broker(broker)]))
             .order_by(jobs_t.c.created_at, jobs_t.c.id)).all()])
 
     def touch_stale_pending(self, job_id: str, older_than: float, limit: int = 10_000) -> list[int]:

@@ -41,6 +41,7 @@ __all__ = [
     "ObjectStoreError",
     "ObjectNotFound",
     "InvalidURI",
+    "PreconditionFailed",
     "ObjectInfo",
     "read_bytes",
     "write_bytes",
@@ -70,6 +71,11 @@ class ObjectStoreError(RuntimeError):
 
 class ObjectNotFound(ObjectStoreError):
     """The object (or its bucket / folder) does not exist."""
+
+
+class PreconditionFailed(ObjectStoreError):
+    """A conditional write found the object not as expected (S3: 412 Precondition Failed, or 409
+    ConditionalRequestConflict): someone else wrote it since it was looked at."""
 
 
 class InvalidURI(ObjectStoreError, ValueError):
@@ -464,7 +470,17 @@ def _local_error(op: str, uri: str, e: OSError) -> ObjectStoreError:
     return ObjectStoreError(f"{op} {uri} failed: {reason}")
 
 
-def _write_local(path: str, data: bytes) -> None:
+def _precondition_failed(e: Exception) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(e, ClientError):
+        return False
+    code = str((e.response.get("Error", {}) or {}).get("Code", "") or "")
+    status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412
+
+
+def _write_local(path: str, data: bytes, check_before_replace=None) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
@@ -475,6 +491,8 @@ def _write_local(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
+        if check_before_replace is not None:
+            check_before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -554,11 +572,22 @@ def read_bytes(uri: str | os.PathLike, *, timeout: float = 60.0) -> bytes:
                        isinstance(e, (ConnectionError, TimeoutError))) from None
 
 
-def write_bytes(uri: str | os.PathLike, data: bytes, content_type: str | None = None) -> None:
+# Sentinel for write_bytes(expect=...): no condition.
+ANY = object()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes, content_type: str | None = None, *,
+                expect: object = ANY) -> None:
     """Store ``data`` at ``uri``, replacing what was there.
 
     Local writes are atomic (temporary file in the same folder, then ``os.replace``) and create
     the parent folders. On S3, ``content_type`` defaults to a guess from the key's extension.
+
+    ``expect``: write only if the object is still as last seen — ``None``: absent, a string: its
+    etag (as :func:`stat` gives it); otherwise :class:`PreconditionFailed`. On S3 this is the
+    store's own conditional write (``If-None-Match: *`` / ``If-Match``), atomic with the write;
+    on folders the file is compared just before the rename, which narrows the window but cannot
+    close it.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"write_bytes: data must be bytes-like, not {type(data).__name__}")
@@ -568,19 +597,31 @@ def write_bytes(uri: str | os.PathLike, data: bytes, content_type: str | None = 
         _s3_key_required(p, uri, "write")
         from botocore.exceptions import BotoCoreError, ClientError
 
+        condition = {} if expect is ANY else {"IfNoneMatch": "*"} if expect is None else {"IfMatch": f'"{expect}"'}
         try:
             s3_client().put_object(
                 Bucket=p.bucket, Key=p.key, Body=bytes(data),
-                ContentType=content_type or _guess_content_type(p.key),
+                ContentType=content_type or _guess_content_type(p.key), **condition,
             )
         except (ClientError, BotoCoreError) as e:
+            if condition and _precondition_failed(e):
+                raise PreconditionFailed(f"write {uri}: the object changed since it was looked at") from None
             raise _s3_error("write", uri, e) from None
         return
     if p.kind == "local":
         if p.key.endswith(("/", os.sep)):
             raise ObjectStoreError(f"write {uri}: not a file path (ends with a separator)")
+
+        def check() -> None:
+            try:
+                current = _local_etag(os.stat(p.key))
+            except FileNotFoundError:
+                current = None
+            if current != expect:
+                raise PreconditionFailed(f"write {uri}: the file changed since it was looked at")
+
         try:
-            _write_local(p.key, data)
+            _write_local(p.key, data, None if expect is ANY else check)
         except OSError as e:
             raise _local_error("write", uri, e) from None
         return

@@ -31,7 +31,9 @@ __all__ = [
     "JOB_STATES", "IMAGE_STATES", "FINISHED_JOB_STATES",
 ]
 
-JOB_STATES = ("pending", "running", "succeeded", "partial", "failed", "cancelled")
+# interrupted: its `run` was stopped (SIGINT/SIGTERM) and gave its claims back; the same `run`
+# command resumes it. Not finished: `retry` and `cancel` accept it.
+JOB_STATES = ("pending", "running", "succeeded", "partial", "failed", "cancelled", "interrupted")
 FINISHED_JOB_STATES = ("succeeded", "partial", "failed", "cancelled")
 IMAGE_STATES = ("pending", "running", "succeeded", "failed")
 

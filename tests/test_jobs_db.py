@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import event, inspect, text
 
 from storage import db as storage_db
-from storage.jobs import AmbiguousJobId, ImageSuccess, JobNotFound, JobStateError, JobStore
+from storage.jobs import AmbiguousJobId, ImageSuccess, JobNotFound, JobStore
 from storage.schema import Base
 
 
@@ -505,8 +505,11 @@ def test_cancel(store):
     assert success(store, ids[0], "t", [{"category_id": 1, "area": 1}])
     status = store.job(job_id)
     assert (status.state, status.succeeded, status.pending) == ("cancelled", 1, 2)
-    with pytest.raises(JobStateError):
-        store.reset_failed(job_id)
+    # retry undoes cancel: the images that waited are given back to be queued again.
+    assert store.reset_failed(job_id) == ids[1:]
+    status = store.job(job_id)
+    assert (status.state, status.finished_at, status.pending) == ("running", None, 2)
+    assert store.claim(ids[1], "u", 60) is not None
     done, _ = new_job(store, 0)
     assert not store.cancel(done)
     assert store.job(done).state == "succeeded"

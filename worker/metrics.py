@@ -156,15 +156,18 @@ def track_chunk(job_id: str, image_ids: list[int], chunk_id: str | None = None):
 
 def _log_chunk(chunk: _Chunk, seconds: float) -> None:
     succeeded = sum(1 for o in chunk.outcomes if o.ok)
-    failed = len(chunk.outcomes) - succeeded
-    skipped = max(chunk.size - succeeded - failed, 0)
+    refused = sum(1 for o in chunk.outcomes if getattr(o, "refused", False))
+    failed = len(chunk.outcomes) - succeeded - refused
+    skipped = max(chunk.size - succeeded - failed - refused, 0)
     means = {key: round(sum(t[key] for t in chunk.timings) / len(chunk.timings), 1)
              for key in _TIMING_KEYS.values()} if chunk.timings else {}
     rate = (succeeded + failed) / seconds if seconds > 0 else 0.0
     timing_text = (", ".join(f"{stage} {means[key]:.0f} ms" for stage, key in _TIMING_KEYS.items())
                    if means else "-")
-    log.info("chunk finished: %d images, %d succeeded, %d failed, %d skipped (done already, held by another "
+    log.info("chunk finished: %d images, %d succeeded, %d failed, %d refused (not this job's, or the claim "
+             "was lost: nothing written or recorded), %d skipped (done already, held by another "
              "worker or cancelled) in %.2f s (%.2f images/s); mean per succeeded image: %s",
-             chunk.size, succeeded, failed, skipped, seconds, rate, timing_text,
-             extra={"images": chunk.size, "succeeded": succeeded, "failed": failed, "skipped": skipped,
+             chunk.size, succeeded, failed, refused, skipped, seconds, rate, timing_text,
+             extra={"images": chunk.size, "succeeded": succeeded, "failed": failed, "refused": refused,
+                    "skipped": skipped,
                     "seconds": round(seconds, 3), "images_per_second": round(rate, 3), "mean_ms": means})

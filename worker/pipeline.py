@@ -26,17 +26,20 @@ import torch
 from PIL import Image
 
 from storage import objects
+from storage.fenced import ClaimLost, publish
 from storage.jobs import ImageSuccess, JobStore
 from storage.retry import retry_transient
 
 from . import metrics
 from .batching import AspectBatcher
+from .budget import PixelBudget, max_decoded_pixels, pixels_of
 from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
 from .overlay import write_overlay
 from .predictor import ModelConfig, PendingBatch, Predictor
 from .preprocess import check_bytes, decode_image
+from .text import printable
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,16 @@ class ImageOutcome:
     image_id: int
     ok: bool
     error: str | None = None
+    # Nothing was written or recorded: the image is not this chunk's job's, or the claim was lost
+    # (lease expired, another worker took the image) before its outputs were written or recorded.
+    refused: bool = False
+
+
+def _report_refused(image_id: int, key: str | None, why: str) -> ImageOutcome:
+    metrics.image_failed(recorded=False)
+    log.warning("image %s refused: %s", printable(key) if key is not None else f"id {image_id}", why,
+                extra={"image_id": image_id, "key": key, "refused": why})
+    return ImageOutcome(image_id, False, why, refused=True)
 
 
 @dataclass
@@ -105,6 +118,8 @@ class _Decoded:
     image: Image.Image | None
     error: str | None
     decode_ms: float
+    # Downloaded, not decoded: no room in the pixel budget yet. (data, pixels, the ClaimedImage)
+    parked: tuple | None = None
 
 
 class _LeaseKeeper:
@@ -176,8 +191,13 @@ class ChunkProcessor:
     store: JobStore
     device: str = "auto"
     precision: str = "fp32"
+    # Set by `run` on SIGINT/SIGTERM: the chunk stops before its next batch and gives back what it
+    # has not run, as for a cancelled job.
+    stop: threading.Event | None = None
     _predictor: Predictor | None = field(default=None, init=False, repr=False)
     _load_failure: tuple[ModelConfig, str, float] | None = field(default=None, init=False, repr=False)
+    # The chunk's decoded pixels in flight (worker.budget); a fresh one per chunk.
+    _budget: PixelBudget = field(default_factory=PixelBudget, init=False, repr=False)
 
     def predictor_for(self, job) -> Predictor:
         config = ModelConfig(model=job.model, weights=job.weights, threshold=job.threshold,
@@ -215,22 +235,26 @@ class ChunkProcessor:
         expire and a reaper re-queues; the job is checked for cancellation before every batch.
         """
         job = self.store.job(job_id)
-        if job.state == "cancelled":
+        if self._stopping(job.state):
             return []
+        outcomes: list[ImageOutcome] = []
+        image_ids = self._own_images(job, image_ids, outcomes)
+        if not image_ids:
+            return outcomes
         token = uuid.uuid4().hex
         try:
             predictor = self.predictor_for(job)
         except (WeightsError, ValueError) as exc:
             # Weights that cannot be loaded (missing file, wrong variant, hash mismatch) or bad
             # settings fail the images with the reason, rather than leaving the job pending.
-            return self._fail_all(image_ids, token, f"model could not be loaded: {exc}")
+            return outcomes + self._fail_all(job.id, image_ids, token, f"model could not be loaded: {exc}")
         self.store.set_weights_sha256(job_id, predictor.model_info["weights_sha256"])
+        self._budget = PixelBudget(max_decoded_pixels())
         leases = _LeaseKeeper(self.store, token)
         recorder = _Recorder(self.store, token, lambda extra, recorded: self._recorded(job, leases, extra, recorded))
-        outcomes: list[ImageOutcome] = []
         claimed = []
         try:
-            claimed = self._claim(image_ids, token, leases, outcomes)
+            claimed = self._claim(job.id, image_ids, token, leases, outcomes)
             with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io", initializer=inherit_context()) as pool:
                 uploads = self._run_claimed(pool, job, predictor, claimed, token, leases, outcomes, recorder)
                 outcomes += [future.result() for future in uploads]
@@ -242,9 +266,21 @@ class ChunkProcessor:
             for image in claimed:
                 self.store.release(image.id, token, count_attempt=True)
             raise
+        except KeyboardInterrupt:
+            # Stopped at once (a second Ctrl-C in `run`): what is not done goes back to pending for
+            # the next run (release skips what is recorded already). Other errors leave the leases
+            # to expire, so that the attempt counts should the image be why.
+            for image in claimed:
+                self.store.release(image.id, token)
+            raise
         finally:
             leases.close()
         return outcomes
+
+    def _stopping(self, job_state: str) -> bool:
+        """Whether to take no further batch: the job was cancelled or interrupted, or this process
+        was asked to stop."""
+        return job_state in ("cancelled", "interrupted") or (self.stop is not None and self.stop.is_set())
 
     def _run_claimed(self, pool, job, predictor, claimed, token, leases, outcomes, recorder) -> list[Future]:
         """Download, batch and run the claimed images; returns the pending uploads.
@@ -257,6 +293,7 @@ class ChunkProcessor:
         batcher = AspectBatcher(batch_size, predictor.config.min_size, predictor.config.max_size)
         window = max(IO_THREADS, 3 * batch_size)     # images downloading or decoded, not yet run
         waiting = iter(claimed)
+        parked: list[_Decoded] = []     # downloaded, waiting for room in the pixel budget to decode
         fetching: set[Future] = set()
         uploads: list[Future] = []
         done: set[int] = set()
@@ -264,7 +301,7 @@ class ChunkProcessor:
 
         def top_up() -> bool:
             """Start downloads while the window has room; False once all have started."""
-            while len(fetching) + batcher.held < window:
+            while len(fetching) + batcher.held + len(parked) < window:
                 image = next(waiting, None)
                 if image is None:
                     return False
@@ -273,20 +310,40 @@ class ChunkProcessor:
             return True
 
         def run(batch: list[_Decoded]) -> bool:
-            if self.store.job(job.id).state == "cancelled":
+            if self._stopping(self.store.job(job.id).state):
                 return False
             uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder, in_flight))
             done.update(d.image_id for d in batch)
             return True
 
+        def make_room() -> None:
+            """Parked images wait for pixels in flight to finish: run what is decoded (its
+            results free the room once recorded), else wait for uploads to end."""
+            nonlocal running
+            if batcher.held:
+                running = run(batcher.take_largest())
+            elif in_flight:
+                uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes,
+                                             recorder))
+            else:
+                self._budget.wait_for_room(0.5)
+
         running = True
         top_up()
-        while running and fetching:
+        while running and (fetching or parked):
+            while parked and self._budget.try_acquire(parked[0].image_id, parked[0].parked[1]):
+                fetching.add(pool.submit(self._decode_parked, parked.pop(0), predictor.config.max_pixels,
+                                         predictor.config.max_bytes))
+            if not fetching:
+                make_room()
+                continue
             finished, _ = wait(fetching, return_when=FIRST_COMPLETED)
             for future in finished:
                 fetching.discard(future)
                 decoded = future.result()
-                if decoded.image is None:
+                if decoded.parked is not None:
+                    parked.append(decoded)
+                elif decoded.image is None:
                     outcomes.append(self._fail(decoded.image_id, token, leases, decoded.error, decoded.key))
                     done.add(decoded.image_id)
                 elif (batch := batcher.add(decoded)) and not (running := run(batch)):
@@ -310,18 +367,28 @@ class ChunkProcessor:
                     leases.drop(image.id)
         return uploads
 
-    def _fail_all(self, image_ids, token, error: str) -> list[ImageOutcome]:
+    def _own_images(self, job, image_ids, outcomes) -> list[int]:
+        """The chunk's images that are its job's; the others (a forged or corrupted message, or
+        one meant for another deployment's database) are refused, logged, never processed."""
+        foreign = self.store.images_outside_job(job.id, image_ids)
+        for image_id, owner in foreign.items():
+            why = (f"not an image of job {printable(job.id)}: it belongs to job {printable(owner)}" if owner
+                   else f"no image has id {image_id} in this database")
+            outcomes.append(_report_refused(image_id, None, why + " (a chunk may only name its own job's images)"))
+        return [image_id for image_id in image_ids if int(image_id) not in foreign]
+
+    def _fail_all(self, job_id, image_ids, token, error: str) -> list[ImageOutcome]:
         outcomes = []
         for image_id in image_ids:
-            if (image := self.store.claim(image_id, token, lease_seconds())) is not None:
+            if (image := self.store.claim(image_id, token, lease_seconds(), job_id=job_id)) is not None:
                 _report_failure(image_id, image.key, error, self.store.record_failure(image_id, token, error))
                 outcomes.append(ImageOutcome(image_id, False, error))
         return outcomes
 
-    def _claim(self, image_ids, token, leases, outcomes) -> list:
+    def _claim(self, job_id, image_ids, token, leases, outcomes) -> list:
         claimed = []
         # Images not taken are done already, or another worker holds them.
-        for image in self.store.claim_many(image_ids, token, lease_seconds()):
+        for image in self.store.claim_many(image_ids, token, lease_seconds(), job_id=job_id):
             if image.attempts > max_attempts():
                 # Every earlier attempt lost its worker (a crash, the OOM killer): stop here
                 # instead of taking down workers forever.
@@ -341,15 +408,33 @@ class ChunkProcessor:
             # Transient store errors (5xx, SlowDown, resets) are retried with backoff; permanent
             # ones (not found, denied) and undecodable bytes fail this image at once.
             data = retry_transient(lambda: objects.read_bytes(image.uri), what=f"read {image.uri}")
+            pixels = pixels_of(data)
+            if max_pixels and pixels > max_pixels:
+                pixels = 0          # refused by decode_image before it decodes anything
+            if not self._budget.try_acquire(image.id, pixels):       # decoded later, when there is room
+                return _Decoded(image.id, image.key, image.uri, None, None, (time.perf_counter() - start) * 1e3,
+                                parked=(data, pixels, image))
             decoded = decode_image(data, max_pixels, max_bytes)
             error = None
         except Exception as exc:            # a bad image fails alone, with its reason
             decoded, error = None, f"{type(exc).__name__}: {exc}"
         return _Decoded(image.id, image.key, image.uri, decoded, error, (time.perf_counter() - start) * 1e3)
 
+    def _decode_parked(self, parked: _Decoded, max_pixels, max_bytes=None) -> _Decoded:
+        """Decode an image that waited for room in the pixel budget (its room is taken)."""
+        start = time.perf_counter()
+        data, _, _ = parked.parked
+        try:
+            decoded, error = decode_image(data, max_pixels, max_bytes), None
+        except Exception as exc:
+            decoded, error = None, f"{type(exc).__name__}: {exc}"
+        return _Decoded(parked.image_id, parked.key, parked.uri, decoded, error,
+                        parked.decode_ms + (time.perf_counter() - start) * 1e3)
+
     def _fail(self, image_id: int, token: str, leases: _LeaseKeeper, error: str,
               key: str | None = None) -> ImageOutcome:
         """Record a per-image failure under this chunk's claim and stop renewing its lease."""
+        self._budget.release(image_id)
         _report_failure(image_id, key, error, self.store.record_failure(image_id, token, error))
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
@@ -412,11 +497,15 @@ class ChunkProcessor:
                 png_uri = objects.join(job.dest, stem + ".png")
                 json_uri = objects.join(job.dest, stem + ".json")
                 document = result_document(result, PurePosixPath(stem).name + ".png", d.uri, predictor.model_info)
-                retry_transient(lambda: objects.write_bytes(png_uri, result["png"], content_type="image/png"),
-                                what=f"write {png_uri}")
                 body = json.dumps(document).encode()
-                retry_transient(lambda: objects.write_bytes(json_uri, body, content_type="application/json"),
-                                what=f"write {json_uri}")
+                # Written only while this chunk's claim holds, never over a newer claim's outputs
+                # (storage.fenced): a worker paused past its lease must not replace them.
+                publish([(png_uri, result["png"], "image/png"), (json_uri, body, "application/json")],
+                        lambda: self.store.holds_claim(d.image_id, token))
+            except ClaimLost as exc:
+                leases.drop(d.image_id)
+                self._budget.release(d.image_id)
+                return _report_refused(d.image_id, d.key, str(exc))
             except Exception as exc:
                 return self._fail(d.image_id, token, leases, f"{type(exc).__name__}: {exc}", d.key)
             height, width = result["id_map"].shape
@@ -425,16 +514,25 @@ class ChunkProcessor:
                        "upload_ms": (time.perf_counter() - start) * 1e3}
             success = ImageSuccess(d.image_id, output_png=png_uri, output_json=json_uri, height=height,
                                    width=width, segments_info=document["segments_info"], timings=timings)
-            entry = (success, (d, stem, result, timings))
-            return ImageOutcome(d.image_id, True)
+            outcome = ImageOutcome(d.image_id, True)
+            entry = (success, (d, stem, result, timings, outcome))
+            return outcome
         finally:
             recorder.finished(entry)          # may record a batch here, this one's included
 
     def _recorded(self, job, leases: _LeaseKeeper, extra, recorded: bool) -> None:
-        d, stem, result, timings = extra
+        d, stem, result, timings, outcome = extra
         metrics.image_succeeded(timings, recorded)
         leases.drop(d.image_id)
+        if not recorded:
+            outcome.ok, outcome.refused = False, True
+            outcome.error = "result not recorded: the claim expired and another worker took the image"
+            log.warning("image %s refused: %s", printable(d.key), outcome.error,
+                        extra={"image_id": d.image_id, "key": d.key, "refused": outcome.error})
         # After the result is recorded: an overlay is an extra that never fails or delays the
         # image, and its rendering does not count as upload time.
-        if job.config.get("overlays") and recorded:
-            write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
+        try:
+            if job.config.get("overlays") and recorded:
+                write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
+        finally:
+            self._budget.release(d.image_id)        # its pixels are no longer needed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from typing import NoReturn
 
 from celery import Celery
@@ -93,15 +94,40 @@ def processor():
 
 
 @app.task(name=TASK_NAME)
-def process_chunk(job_id: str, image_ids: list[int]) -> dict:
+def process_chunk(job_id: str, image_ids: list[int], database: str | None = None) -> dict:
     from .metrics import track_chunk      # log context (job, chunk, images), chunk metrics and log line
     from .pipeline import DeviceFailure
+    if database is not None and database != processor().store.database_id():
+        _leave_for_its_deployment(job_id, database)
     try:
         with track_chunk(job_id, image_ids, process_chunk.request.id) as chunk:
             outcomes = chunk.outcomes = processor().process(job_id, image_ids)
     except DeviceFailure as exc:
         _stop_worker(exc)
-    return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok for o in outcomes)}
+    return {"succeeded": sum(o.ok for o in outcomes), "failed": sum(not o.ok and not o.refused for o in outcomes),
+            "refused": sum(o.refused for o in outcomes)}
+
+
+# A message of another deployment is held this long before it goes back to the queue, so that
+# two deployments sharing a queue do not pass it back and forth in a busy loop.
+FOREIGN_MESSAGE_PAUSE_S = 2.0
+_foreign_jobs_logged: set[str] = set()
+
+
+def _leave_for_its_deployment(job_id: str, database: str) -> NoReturn:
+    """The chunk's job is in another database: another deployment shares this broker and queue.
+    Put the message back for one of its workers (never process it here, nor drop it)."""
+    from celery.exceptions import Reject
+
+    from .text import printable
+    if job_id not in _foreign_jobs_logged:        # once per job and process: it comes back often
+        _foreign_jobs_logged.add(job_id)
+        logging.getLogger(__name__).warning(
+            "chunk of job %s left on the broker: it belongs to another deployment's database (%s), "
+            "which shares this broker and queue; give each deployment its own broker database or "
+            "virtual host (README: Isolating deployments)", printable(job_id), printable(database))
+    time.sleep(FOREIGN_MESSAGE_PAUSE_S)
+    raise Reject("job of another deployment's database", requeue=True)
 
 
 def _stop_worker(failure: Exception) -> NoReturn:
