@@ -343,18 +343,34 @@ def test_nothing_is_recorded_when_submit_refuses_a_broker_through_the_console_sc
     assert "right-password" not in result.stdout + result.stderr
 
 
-def test_retry_and_reap_refuse_a_broker_that_is_down_before_changing_anything(tmp_path):
-    """Else retry would put the failed images back to pending with nobody to queue them."""
+def test_retry_and_reap_refuse_a_broker_that_is_down_before_changing_anything(tmp_path, redis_with_password):
+    """Else retry would put the failed images back to pending with nobody to queue them. A job of
+    `run` needs no broker to be retried: its images wait for the same command to run again."""
     write_images(tmp_path / "in")
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     database = f"sqlite:///{tmp_path / 'jobs.db'}"
-    env = dict(os.environ, PANOPTIC_DATABASE_URL=database, PANOPTIC_BROKER_URL=f"redis://127.0.0.1:{CLOSED_PORT}/0")
-    ran, _ = panoptic_batch("run", "in", "--dest", "out", "--weights", "random", *MODEL, env=env, cwd=tmp_path)
+    down = dict(os.environ, PANOPTIC_DATABASE_URL=database, PANOPTIC_BROKER_URL=f"redis://127.0.0.1:{CLOSED_PORT}/0")
+    ran, _ = panoptic_batch("run", "in", "--dest", "out", "--weights", "random", *MODEL, env=down, cwd=tmp_path)
     assert ran.returncode == errors.EXIT_IMAGES_FAILED, ran.stderr              # broken.jpg failed
-    job_id = ran.stdout.strip().splitlines()[-1]
-    for command in (["retry", job_id], ["reap"]):
-        result, seconds = panoptic_batch(*command, env=env, cwd=tmp_path)
-        assert result.returncode == errors.EXIT_BROKER and seconds < FAST_S, (command, result.stderr, seconds)
-        assert "cannot reach the broker" in result.stderr and "Traceback" not in result.stderr
-    job = JobStore(database).job(job_id)
-    assert (job.state, job.failed, job.pending) == ("partial", 1, 0)
+    run_job = ran.stdout.strip().splitlines()[-1]
+    result, seconds = panoptic_batch("reap", env=down, cwd=tmp_path)
+    assert result.returncode == errors.EXIT_BROKER and seconds < FAST_S, (result.stderr, seconds)
+    assert "cannot reach the broker" in result.stderr and "Traceback" not in result.stderr
+    assert JobStore(database).job(run_job).state == "partial"
+    result, _ = panoptic_batch("retry", run_job, env=down, cwd=tmp_path)
+    assert result.returncode == 0 and "run the same" in result.stdout, result.stderr
+
+    # A job submitted through a broker that now refuses us (wrong password): nothing changes.
+    broker = f"127.0.0.1:{redis_with_password}/0"
+    up = dict(down, PANOPTIC_BROKER_URL=f"redis://:right-password@{broker}")
+    submitted, _ = panoptic_batch("submit", "in", "--dest", "out-submitted", "--queue", f"errors-{uuid.uuid4().hex[:8]}",
+                                  "--weights", "random", *MODEL, env=up, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    before = JobStore(database).job(job_id)
+    wrong = dict(down, PANOPTIC_BROKER_URL=f"redis://:wrong-password@{broker}")
+    result, seconds = panoptic_batch("retry", job_id, env=wrong, cwd=tmp_path)
+    assert result.returncode == errors.EXIT_BROKER and seconds < FAST_S, (result.stderr, seconds)
+    assert "cannot reach the broker" in result.stderr and "wrong-password" not in result.stderr
+    after = JobStore(database).job(job_id)
+    assert (after.state, after.pending, after.failed) == (before.state, before.pending, before.failed)
