@@ -128,12 +128,15 @@ def chunked(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def check_weights_source(weights: str) -> None:
-    """A job's weights source is stored in the database and read by every worker, and passwords
-    and signatures are never stored: a URL that carries one could not be read back."""
-    if objects.mask_url(weights) != weights:
-        raise SubmitError(f"--weights {objects.mask_url(weights)}: a URL with a password or signature cannot be "
-                          "given to a job (secrets are not stored in its database); put the checkpoint in an S3 "
-                          "bucket the workers can read, or serve it without credentials")
+    """A job's weights source is stored in the database and read by every worker, and secrets are
+    never stored. The rule: a URL with a query string or userinfo (where signatures, tokens, API keys
+    and passwords travel, whatever they are called) is refused, whatever its parameters are named."""
+    if objects.url_carries_secret(weights):
+        raise SubmitError(f"--weights {objects.without_secrets(weights)}: a URL with a query string or a user "
+                          "name/password cannot be given to a job (it may carry a secret, and a job's weights "
+                          "source is stored in its database and read by its workers); use a local path, "
+                          "s3://bucket/key (the workers' own S3 credentials), a plain https:// URL without "
+                          "query or credentials, or official; `predict` takes such a URL as it runs no job")
 
 
 def weights_identity(weights: str, model: str) -> str:
@@ -142,7 +145,7 @@ def weights_identity(weights: str, model: str) -> str:
     if weights in ("official", "random"):
         return f"{weights}:{model}"
     if weights.startswith(("http://", "https://")):
-        return objects.mask_url(weights)
+        return weights          # check_weights_source refused any URL that could carry a secret
     try:
         return "sha256:" + hashlib.sha256(objects.read_bytes(weights)).hexdigest()
     except objects.ObjectStoreError as exc:

@@ -53,6 +53,9 @@ __all__ = [
     "is_local",
     "local_path",
     "mask_url",
+    "url_carries_secret",
+    "without_secrets",
+    "redact_urls",
     "s3_client",
     "reset_client",
 ]
@@ -261,6 +264,45 @@ def mask_url(url):
     return ";".join(_mask_one(part) for part in _FAILOVER_SPLIT.split(url))
 
 
+def url_carries_secret(url: str) -> bool:
+    """Whether a URL has a query string or userinfo: where signatures, tokens, API keys and
+    passwords travel, whatever their scheme calls them (a rule, not a list of parameter names)."""
+    m = _SCHEME_RE.match(url) if isinstance(url, str) else None
+    if not m:
+        return False
+    rest = url[m.end():]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    return "?" in rest or "@" in authority or _loose_userinfo(rest) is not None
+
+
+def _loose_userinfo(rest: str):
+    """``user:password@host…`` where the password holds "/", "?" or "#" (not ``host:8080/a@b``)."""
+    loose = _LOOSE_USERINFO.match(rest)
+    return loose if loose and not re.match(r"\d*(?:[/?#]|$)", loose.group("pw")) else None
+
+
+def without_secrets(url: str) -> str:
+    """A URL as it may be shown or logged: userinfo and query string dropped (marked ``…``)."""
+    if not url_carries_secret(url):
+        return url
+    m = _SCHEME_RE.match(url)
+    rest = url[m.end():].split("#", 1)[0]
+    path_and_query = rest
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    loose = _loose_userinfo(rest)
+    if "@" in authority:
+        path_and_query = rest[len(authority):]
+        authority = "…@" + authority.rpartition("@")[2]
+    elif loose is not None:            # a password holding "/" or "?": everything up to the last "@"
+        rest = loose.group("rest")
+        authority = "…@" + re.split(r"[/?#]", rest, maxsplit=1)[0]
+        path_and_query = rest[len(authority) - 2:]
+    else:
+        path_and_query = rest[len(authority):]
+    path = path_and_query.split("?", 1)[0]
+    return url[:m.end()] + authority + path + ("?…" if "?" in path_and_query else "")
+
+
 _FAILOVER_SPLIT = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
@@ -270,6 +312,11 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 def _scrub(text: str) -> str:
     """Mask every URL found in a free-form message (e.g. an endpoint URL in a botocore error)."""
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in a free-form message with its userinfo and query string dropped."""
+    return _URL_IN_TEXT.sub(lambda m: without_secrets(m.group(0)), text)
 
 
 def _display(uri: str) -> str:
