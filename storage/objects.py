@@ -37,6 +37,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+from .retry import retry_transient
+
 __all__ = [
     "ObjectStoreError",
     "ObjectNotFound",
@@ -748,11 +750,20 @@ def _list_s3(prefix_uri: str, p: _Parsed) -> Iterator[ObjectInfo]:
         prefix += "/"
     base = f"s3://{p.bucket}/{prefix}"
     kwargs = {"Bucket": p.bucket, "Prefix": prefix}
-    while True:
+
+    def list_page() -> dict:
         try:
-            page = s3_client().list_objects_v2(**kwargs)
+            return s3_client().list_objects_v2(**kwargs)
         except (ClientError, BotoCoreError) as e:
             raise _s3_error("list", prefix_uri, e) from None
+
+    first = True
+    while True:
+        # The first page fails fast (a wrong endpoint, a store down when the command starts: said
+        # at once); a page after it is retried within storage.retry's time budget, so that an
+        # outage in the middle of a long listing costs time, not the listing.
+        page = list_page() if first else retry_transient(list_page, what=f"list {prefix_uri}")
+        first = False
         for obj in page.get("Contents", ()):
             full = obj["Key"]
             if full.endswith("/") or not full.startswith(prefix):
