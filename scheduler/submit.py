@@ -7,6 +7,7 @@ and handed out in batches, so memory stays bounded however large the bucket.
 from __future__ import annotations
 
 import fnmatch
+from array import array
 import hashlib
 import json
 import itertools
@@ -15,8 +16,11 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from storage import objects
 from storage.jobs import JobStore
+from worker.output import output_stem
 from worker.text import printable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -193,13 +197,51 @@ def _conflict_error(info: objects.ObjectInfo, earlier_key: str) -> str:
             f"{earlier_key}, listed before it; rename one of the two and submit again (retry leaves this image failed)")
 
 
+class DestOutputs:
+    """Which output names have both their PNG and their JSON in DEST, from ONE listing of DEST
+    (not a request per image), read on first use. Held as sorted 64-bit hashes of the names:
+    8 bytes per output however long the paths, so a nightly run over millions stays small."""
+
+    def __init__(self, dest: str):
+        self.dest = dest
+        self._both: np.ndarray | None = None
+
+    @staticmethod
+    def _name_hash(name: str) -> int:
+        return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+    def _load(self) -> np.ndarray:
+        pngs, jsons = array("Q"), array("Q")
+        try:
+            for info in objects.list_objects(self.dest):
+                if info.key.endswith(".png"):
+                    pngs.append(self._name_hash(info.key[:-4]))
+                elif info.key.endswith(".json"):
+                    jsons.append(self._name_hash(info.key[:-5]))
+        except objects.ObjectNotFound:          # no DEST yet: nothing was written there
+            pass
+        except objects.ObjectStoreError as exc:
+            raise SubmitError(f"cannot list DEST {self.dest} to check which outputs exist: {exc}") from exc
+        return np.intersect1d(np.frombuffer(pngs, np.uint64), np.frombuffer(jsons, np.uint64))
+
+    def have_both(self, stem: str) -> bool:
+        if self._both is None:
+            self._both = self._load()
+        wanted = np.uint64(self._name_hash(stem))
+        at = int(np.searchsorted(self._both, wanted))
+        return at < len(self._both) and self._both[at] == wanted
+
+
 def _unchanged_filter(store: JobStore, spec: JobSpec, fingerprint: str, infos: Iterator[objects.ObjectInfo],
                       skipped: list[int]) -> Iterator[objects.ObjectInfo]:
-    """Drops the images whose ETag is unchanged since their last success with this fingerprint."""
+    """Drops the images whose ETag is unchanged since their last success with this fingerprint
+    and whose two outputs are still in DEST (one deleted since: processed again)."""
+    outputs = DestOutputs(spec.dest)
     while batch := list(itertools.islice(infos, INSERT_BATCH)):
         done = store.previous_successes(spec.source, spec.dest, fingerprint, [i.key for i in batch])
         for info in batch:
-            if info.key in done and done[info.key] == info.etag and info.etag:
+            if (info.etag and info.key in done and done[info.key] == info.etag
+                    and outputs.have_both(output_stem(info.key))):
                 skipped[0] += 1
             else:
                 yield info
