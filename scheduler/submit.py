@@ -167,33 +167,31 @@ def model_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _output_conflicts(infos: Iterator[objects.ObjectInfo],
-                      on_conflict: Callable[[objects.ObjectInfo, str], None]) -> Iterator[objects.ObjectInfo]:
+def _output_conflicts(store: JobStore, job_id: str, infos: Iterator[objects.ObjectInfo],
+                      on_conflict: Callable[[objects.ObjectInfo, str, str], None]) -> Iterator[objects.ObjectInfo]:
     """Yields the images whose outputs no earlier image claims; gives each other one to
-    `on_conflict(info, earlier_key)`: "a.jpg" and "a.png" would both write DEST/a.png and a.json.
+    `on_conflict(info, output name, earlier_key)`. Keys name the same outputs when their
+    output_stem is equal: "a.jpg" and "a.png", "a//b.jpg" and "a/b.jpg", "café" decomposed and
+    composed, "A.JPG" and "A.jpeg". Such keys can be anywhere in a listing, so the database keeps
+    the names (JobStore.claim_output_names), a batch at a time: memory stays flat however many.
+    Keys that have no usable name pass: their images fail with the reason when processed."""
+    while batch := list(itertools.islice(infos, INSERT_BATCH)):
+        names = {}
+        for info in batch:
+            try:
+                names[info.key] = output_stem(info.key)
+            except ValueError:
+                pass
+        conflicts = store.claim_output_names(job_id, list(names.items()))
+        for info in batch:
+            if info.key in conflicts:
+                on_conflict(info, names[info.key], conflicts[info.key])
+            else:
+                yield info
 
-    Keys that share a stem all start with "<stem>.", and every listing read here keeps the keys
-    with a common prefix together (lexicographic: AWS, local folders; SeaweedFS: folder by folder,
-    entries by name), so only the stems whose range the walk is inside are held: memory grows
-    with the nesting of names, not with the number of keys. Keys that name the same output only
-    after normalisation ("a//b.jpg" and "a/b.png") are not caught.
-    """
-    inside: list[tuple[str, str]] = []     # (stem, its first key), each stem extending the one before
-    for info in infos:
-        key = info.key
-        while inside and not key.startswith(inside[-1][0] + "."):
-            inside.pop()
-        stem = key[:key.rfind(".")]          # image keys always end in an extension
-        if inside and inside[-1][0] == stem:
-            on_conflict(info, inside[-1][1])
-        else:
-            inside.append((stem, key))
-            yield info
 
-
-def _conflict_error(info: objects.ObjectInfo, earlier_key: str) -> str:
-    stem = info.key[:info.key.rfind(".")]
-    return (f"{OUTPUT_CONFLICT} its outputs {stem}.png and {stem}.json in DEST would overwrite those of "
+def _conflict_error(name: str, earlier_key: str) -> str:
+    return (f"{OUTPUT_CONFLICT} its outputs {name}.png and {name}.json in DEST would overwrite those of "
             f"{earlier_key}, listed before it; rename one of the two and submit again (retry leaves this image failed)")
 
 
@@ -315,14 +313,14 @@ def _record_and_queue(store: JobStore, spec: JobSpec, job_id: str, fingerprint: 
                       force: bool) -> None:
     conflicts: list[tuple] = []
 
-    def record_conflict(info: objects.ObjectInfo, earlier_key: str) -> None:
-        conflicts.append((info.key, info.uri, info.etag, info.size, _conflict_error(info, earlier_key)))
+    def record_conflict(info: objects.ObjectInfo, name: str, earlier_key: str) -> None:
+        conflicts.append((info.key, info.uri, info.etag, info.size, _conflict_error(name, earlier_key)))
         if len(conflicts) >= INSERT_BATCH:
             store.add_failed_images(job_id, conflicts)
             conflicts.clear()
 
     # Before the unchanged filter: an unchanged image still claims its outputs.
-    found = _output_conflicts(found, record_conflict)
+    found = _output_conflicts(store, job_id, found, record_conflict)
     skipped = [0]
     if not force:
         found = _unchanged_filter(store, spec, fingerprint, found, skipped)

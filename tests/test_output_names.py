@@ -16,6 +16,7 @@ from scheduler.submit import JobSpec, submit
 from storage import objects
 from storage.jobs import JobStore
 from tests.test_pipeline import stats_from_documents
+from worker.output import output_stem
 
 
 def png_bytes(seed: int) -> bytes:
@@ -101,3 +102,60 @@ def test_nightly_rerun_processes_images_whose_outputs_were_deleted(where, monkey
     listings.clear()
     third = run_job(store, source, dest)                    # everything is there again: nothing to do
     assert (third.total, third.config["skipped"]) == (0, 4) and listings.count(dest) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Names that normalise alike are output conflicts (issue 15, item 1)
+
+
+def test_claim_output_names_is_first_come_first_served(where):
+    _, _, store = where
+    job_id = store.create_job("n", "/in", "/out", "detr-r50", "random", 0.85, 800, 1333, {})
+    assert store.claim_output_names(job_id, [("a.jpg", "a"), ("b.jpg", "b"), ("a.png", "a")]) == {"a.png": "a.jpg"}
+    # A later batch: names taken before are conflicts, however far back; keys holding theirs are not.
+    assert store.claim_output_names(job_id, [("A.png", "A"), ("a.jpeg", "a"), ("b.jpg", "b"), ("a.tif", "a")]) == \
+        {"a.jpeg": "a.jpg", "a.tif": "a.jpg"}
+    other = store.create_job("m", "/in", "/out", "detr-r50", "random", 0.85, 800, 1333, {})
+    assert store.claim_output_names(other, [("a.png", "a")]) == {}          # names are per job
+
+
+def test_keys_that_normalise_alike_are_output_conflicts_in_submit_and_nightly_reruns(where):
+    source, dest, store = where
+    files = {"cafe\u0301.jpg": png_bytes(1),         # decomposed é ...
+             "caff.png": png_bytes(2),               # (listed between the two)
+             "caf\u00e9.png": png_bytes(3),          # ... and composed: both would write café.png
+             "Pic.JPG": png_bytes(4), "Pic.jpeg": png_bytes(5),     # extension and its case
+             "sub/x.png": png_bytes(6), "sub/x.webp": png_bytes(7), "z.png": png_bytes(8)}
+    if objects.is_s3(source):
+        files.update({"d//e.jpg": png_bytes(9), "d/e.png": png_bytes(10),   # empty components
+                      "f/./g.jpg": png_bytes(11), "f/g.png": png_bytes(12)})  # "." components
+    put(source, files)
+    listed = [info.key for info in objects.list_objects(source)]
+    by_name: dict[str, list[str]] = {}
+    for key in listed:
+        by_name.setdefault(output_stem(key), []).append(key)
+    assert any(len(keys) > 1 for keys in by_name.values())
+
+    first = run_job(store, source, dest)
+    rows = {image.key: image for image in store.images(first.id)}
+    assert first.total == len(listed) and first.succeeded == len(by_name)
+    documents = dest_documents(dest)
+    assert sorted(documents) == sorted(by_name)            # one pair of outputs per name, nothing else
+    for name, keys in by_name.items():
+        winner, *losers = keys                             # the first listed is processed ...
+        assert rows[winner].state == "succeeded" and documents[name]["image"] == rows[winner].uri
+        for key in losers:                                 # ... every other one fails, naming it
+            assert rows[key].state == "failed" and rows[key].error.startswith("output conflict:"), rows[key]
+            assert winner in rows[key].error
+    # stats (what `stats --json` prints) == the sums over DEST's JSON files: nothing counted twice.
+    assert {r["category_id"]: {k: r[k] for k in ("segments", "images", "pixels")}
+            for r in store.class_stats(first.id)} == stats_from_documents(list(documents.values()))
+
+    # Nightly: the winners are unchanged and skipped, the losers (failed before) come back and
+    # still conflict with them, although those are not in the new job.
+    second = run_job(store, source, dest)
+    losers = sorted(key for keys in by_name.values() for key in keys[1:])
+    assert (second.total, second.succeeded, second.failed, second.config["skipped"]) == \
+        (len(losers), 0, len(losers), len(by_name))
+    assert sorted(image.key for image in store.images(second.id, state="failed")) == losers
+    assert dest_documents(dest) == documents               # nothing overwritten
