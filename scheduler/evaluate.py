@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import click
 
+from worker.text import printable
+
 from .panoptic_quality import PanopticQualityError, PQStats, image_stats, summarize
 
 T = TypeVar("T")
@@ -309,8 +311,6 @@ def _print_table(evaluation: Evaluation) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
-
-    from worker.text import printable
 
     results = evaluation.results
     console = Console()
