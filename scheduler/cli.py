@@ -186,6 +186,11 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
     `before_fork`: this process forks the processes that will use the GPU (Celery's pool), so it
     must not touch CUDA itself — a CUDA runtime initialised before a fork is unusable in the
     children — and a device other than the CPU is checked in a short-lived process instead."""
+    from storage.retry import retry_budget
+    try:
+        retry_budget()              # a bad $PANOPTIC_RETRY_SECONDS: said once, not by every image
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
     if before_fork and device != "cpu":
         import subprocess
         result = subprocess.run([sys.executable, "-c", _CHECK_DEVICE, device, precision],

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import click
 import numpy as np
 import psycopg
 import pytest
@@ -457,6 +458,9 @@ def test_retry_transient_retries_for_a_time_budget_not_a_count(monkeypatch):
     monkeypatch.setenv("PANOPTIC_RETRY_SECONDS", "soon")
     with pytest.raises(ValueError, match="PANOPTIC_RETRY_SECONDS"):
         retry_transient(Flaky(transient_error()), sleep=clock.sleep, clock=clock)
+    from scheduler.cli import check_worker_settings        # run and worker refuse it before any work
+    with pytest.raises(click.ClickException, match="PANOPTIC_RETRY_SECONDS='soon'"):
+        check_worker_settings("cpu", "fp32")
     # A bound on calls still works (the database's retries use one).
     sleeps = []
     fn = Flaky(*[transient_error() for _ in range(10)])
