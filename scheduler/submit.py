@@ -7,12 +7,12 @@ and handed out in batches, so memory stays bounded however large the bucket.
 from __future__ import annotations
 
 import fnmatch
-from array import array
 import hashlib
 import json
 import itertools
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 

@@ -266,6 +266,11 @@ def mask_url(url):
     return ";".join(_mask_one(part) for part in _FAILOVER_SPLIT.split(url))
 
 
+def _authority(rest: str) -> str:
+    """The part of a URL after "scheme://" up to its path, query or fragment."""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
 def url_carries_secret(url: str) -> bool:
     """Whether a URL has a query string or userinfo: where signatures, tokens, API keys and
     passwords travel, whatever their scheme calls them (a rule, not a list of parameter names)."""
@@ -273,8 +278,7 @@ def url_carries_secret(url: str) -> bool:
     if not m:
         return False
     rest = url[m.end():]
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    return "?" in rest or "@" in authority or _loose_userinfo(rest) is not None
+    return "?" in rest or "@" in _authority(rest) or _loose_userinfo(rest) is not None
 
 
 def _loose_userinfo(rest: str):
@@ -289,20 +293,14 @@ def without_secrets(url: str) -> str:
         return url
     m = _SCHEME_RE.match(url)
     rest = url[m.end():].split("#", 1)[0]
-    path_and_query = rest
-    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    loose = _loose_userinfo(rest)
-    if "@" in authority:
-        path_and_query = rest[len(authority):]
-        authority = "…@" + authority.rpartition("@")[2]
-    elif loose is not None:            # a password holding "/" or "?": everything up to the last "@"
+    loose = None if "@" in _authority(rest) else _loose_userinfo(rest)
+    if loose is not None:               # a password holding "/" or "?": everything up to the last "@"
         rest = loose.group("rest")
-        authority = "…@" + re.split(r"[/?#]", rest, maxsplit=1)[0]
-        path_and_query = rest[len(authority) - 2:]
-    else:
-        path_and_query = rest[len(authority):]
-    path = path_and_query.split("?", 1)[0]
-    return url[:m.end()] + authority + path + ("?…" if "?" in path_and_query else "")
+    authority = _authority(rest)
+    tail = rest[len(authority):]
+    if loose is not None or "@" in authority:
+        authority = "…@" + authority.rpartition("@")[2]
+    return url[:m.end()] + authority + tail.split("?", 1)[0] + ("?…" if "?" in tail else "")
 
 
 _FAILOVER_SPLIT = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
