@@ -190,7 +190,7 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
     try:
         retry_budget()              # a bad $PANOPTIC_RETRY_SECONDS: said once, not by every image
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise CommandError(str(exc), EXIT_USAGE) from exc
     if before_fork and device != "cpu":
         import subprocess
         result = subprocess.run([sys.executable, "-c", _CHECK_DEVICE, device, precision],
