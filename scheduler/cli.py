@@ -12,6 +12,7 @@ import click
 from worker.config import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE,
                            DEFAULT_THRESHOLD, DEFAULT_VARIANT, PRECISIONS, VARIANTS, ModelConfig)
 from worker.queue import broker_url
+from worker.text import printable
 from storage.objects import mask_url
 
 from .errors import EXIT_USAGE, EXIT_WEIGHTS, CommandError, OneLineErrors, broker_error
@@ -71,6 +72,12 @@ def model_config(options: dict) -> ModelConfig:
     return ModelConfig(**{key: options[key] for key in ModelConfig.__dataclass_fields__})
 
 
+def cell(text) -> str:
+    """Data for a rich table cell: control characters escaped, rich markup ("[red]") shown as typed."""
+    from rich.markup import escape
+    return escape(printable(text))
+
+
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="panoptic-batch")
 def main():
@@ -112,7 +119,7 @@ def predict(images, out_dir, **options):
             decoded.append((uri, decode_image(read_bytes(uri), config.max_pixels, config.max_bytes)))
         except (ImageDecodeError, ObjectStoreError, OSError) as exc:
             failed.append(uri)
-            click.echo(f"failed: {uri}: {exc}", err=True)
+            click.echo(f"failed: {printable(uri)}: {printable(exc)}", err=True)
     chunks = [decoded[start:start + predictor.batch_size] for start in range(0, len(decoded), predictor.batch_size)]
     for chunk, results in zip(chunks, predictor.predict_batches([im for _, im in chunk] for chunk in chunks)):
         for (uri, image), result in zip(chunk, results):
@@ -120,9 +127,10 @@ def predict(images, out_dir, **options):
             (out_dir / f"{stem}.png").write_bytes(result["png"])
             document = result_document(result, f"{stem}.png", uri, predictor.model_info)
             (out_dir / f"{stem}.json").write_text(json.dumps(document, indent=1))
-            click.echo(f"{uri} → {out_dir / (stem + '.png')} ({len(result['segments_info'])} segments)")
+            click.echo(f"{printable(uri)} → {printable(out_dir / (stem + '.png'))} "
+                       f"({len(result['segments_info'])} segments)")
     if failed:
-        click.echo(f"{len(failed)} of {len(images)} images failed: {', '.join(failed)}", err=True)
+        click.echo(f"{len(failed)} of {len(images)} images failed: {printable(', '.join(failed))}", err=True)
         sys.exit(1)
 
 
@@ -178,6 +186,11 @@ def check_worker_settings(device: str, precision: str, before_fork: bool = False
     `before_fork`: this process forks the processes that will use the GPU (Celery's pool), so it
     must not touch CUDA itself — a CUDA runtime initialised before a fork is unusable in the
     children — and a device other than the CPU is checked in a short-lived process instead."""
+    from storage.retry import retry_budget
+    try:
+        retry_budget()              # a bad $PANOPTIC_RETRY_SECONDS: said once, not by every image
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from exc
     if before_fork and device != "cpu":
         import subprocess
         result = subprocess.run([sys.executable, "-c", _CHECK_DEVICE, device, precision],
@@ -200,6 +213,19 @@ def check_broker(dispatcher) -> None:
         dispatcher.check_connection()
     except Exception as exc:
         raise broker_error(exc) from exc
+
+
+def _log_warnings_escaped() -> None:
+    """`run` logs each failed image (key, error) on stderr: through the text formatter, which
+    escapes control characters, rather than Python's bare fallback handler."""
+    import logging
+
+    from worker.logs import make_handler
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = make_handler("text")
+        handler.setLevel(logging.WARNING)
+        root.addHandler(handler)
 
 
 @main.command()
@@ -230,7 +256,7 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
                             before_recording=before_recording)
     status = store.job(job_id)
     click.echo(f"job {job_id}: {status.total} images in {dispatcher.sent} chunks queued on "
-               f"{mask_url(broker_url())}{skipped_note(status)}")
+               f"{printable(mask_url(broker_url()))}{skipped_note(status)}")
     click.echo(job_id)
 
 
@@ -246,6 +272,7 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     from .embedded import StopOnSignals, embedded_spec
     from .submit import chunked, submit as submit_job
 
+    _log_warnings_escaped()
     spec = embedded_spec(job_spec(source, dest, chunk_size, includes, name, options), force)
     store = open_store()
     chunks: list[tuple[str, list[int]]] = []
@@ -314,7 +341,7 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     click.echo(f"job {job_id}: {status.state}, {status.succeeded} of {status.total} succeeded, "
                f"{status.failed} failed{skipped_note(status)}")
     for image in store.images(job_id, state="failed") if status.failed else ():
-        click.echo(f"  failed: {image.key}: {image.error}", err=True)
+        click.echo(f"  failed: {printable(image.key)}: {printable(image.error)}", err=True)
     click.echo(job_id)                  # the last line, as submit's, whatever the outcome
     if status.failed:
         sys.exit(1)
@@ -460,7 +487,7 @@ def status(job_id, as_json, watch, interval, list_failed):
                                    for i in failed], indent=1))
         else:
             for image in failed:
-                click.echo(f"{image.key}: {image.error}")
+                click.echo(f"{printable(image.key)}: {printable(image.error)}")
         return
     statuses = [find_job(store, job_id)] if job_id else store.jobs()
     if as_json:
@@ -477,7 +504,7 @@ def status(job_id, as_json, watch, interval, list_failed):
     for header in ("total", "succeeded", "failed", "pending", "images/s"):
         table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for s in statuses:
-        table.add_row(s.id, s.name, s.state, str(s.total), str(s.succeeded), str(s.failed), str(s.pending),
+        table.add_row(s.id, cell(s.name), s.state, str(s.total), str(s.succeeded), str(s.failed), str(s.pending),
                       f"{s.rate:.2f}")
     Console().print(table)
 
@@ -517,7 +544,7 @@ def stats(job_id, as_json):
     from rich.table import Table
     table = Table("id", "category", "thing", "segments", "images", "pixels", title=f"job {job.id}")
     for r in rows:
-        table.add_row(str(r["category_id"]), r["category_name"], "yes" if r["isthing"] else "no",
+        table.add_row(str(r["category_id"]), cell(r["category_name"]), "yes" if r["isthing"] else "no",
                       str(r["segments"]), str(r["images"]), str(r["pixels"]))
     Console().print(table)
 

@@ -22,6 +22,8 @@ from typing import TypeVar
 
 import click
 
+from worker.text import printable
+
 from .panoptic_quality import PanopticQualityError, PQStats, image_stats, summarize
 
 T = TypeVar("T")
@@ -307,6 +309,7 @@ def _percent(value) -> str:
 
 def _print_table(evaluation: Evaluation) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     results = evaluation.results
@@ -317,7 +320,7 @@ def _print_table(evaluation: Evaluation) -> None:
         summary.add_row(name, _percent(row["pq"]), _percent(row["sq"]), _percent(row["rq"]), str(row["n"]))
     classes = Table("id", "category", "thing", "PQ", "SQ", "RQ", "TP", "FP", "FN", title="Per class")
     for cat_id, row in sorted(results["per_class"].items()):
-        classes.add_row(str(cat_id), str(row["name"]), "yes" if row["isthing"] else "no", _percent(row["pq"]),
+        classes.add_row(str(cat_id), escape(printable(row["name"])), "yes" if row["isthing"] else "no", _percent(row["pq"]),
                         _percent(row["sq"]), _percent(row["rq"]), str(row["tp"]), str(row["fp"]), str(row["fn"]))
     console.print(summary)
     console.print(classes)
@@ -372,7 +375,7 @@ def evaluate_command(gt_json, gt_folder, job_id, pred_json, pred_folder, missing
     except (EvaluationError, ObjectStoreError) as exc:
         raise click.ClickException(str(exc)) from None
     for note in _notes(evaluation):
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"note: {printable(note)}", err=True)
     if as_json:
         payload = evaluation.to_dict()
         payload["per_class"] = {str(k): v for k, v in payload["per_class"].items()}

@@ -185,13 +185,15 @@ def export_command(job_id, json_uri, png_folder, ids_from):
         summary = export_job(store, job.id, json_uri, png_folder, ids_from)
     except (ExportError, EvaluationError, ObjectStoreError) as exc:
         raise click.ClickException(str(exc)) from None
+    from worker.text import printable
     left = ", ".join(f"{n} {state}" for state, n in summary.left_out.items())
-    click.echo(f"job {summary.job_id}: {summary.exported} images exported to {summary.json_uri} "
-               f"(PNGs in {summary.png_folder}); "
+    click.echo(f"job {summary.job_id}: {summary.exported} images exported to {printable(summary.json_uri)} "
+               f"(PNGs in {printable(summary.png_folder)}); "
                + (f"left out: {left} (only succeeded images are exported)" if left else "none left out"))
     if summary.unknown_segments:
         click.echo(f"note: {summary.unknown_segments} segments in {summary.images_changed} images have categories "
                    f"outside the 133 COCO panoptic ones; they are VOID in the export", err=True)
     if summary.unmatched_ids:
-        click.echo(f"note: {len(summary.unmatched_ids)} images are not in {ids_from}; they got new ids", err=True)
+        click.echo(f"note: {len(summary.unmatched_ids)} images are not in {printable(ids_from)}; they got new ids",
+                   err=True)
     sys.stdout.flush()

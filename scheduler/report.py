@@ -446,4 +446,5 @@ def report_command(job_id, out_dir, max_images):
         raise click.ClickException(f"cannot write the report to {out_dir}: {exc}") from exc
     shown = f"{result.images_shown} of {result.images_succeeded} images"
     errors = f", {result.tile_errors} without overlay (see the page)" if result.tile_errors else ""
-    click.echo(f"report of job {job.id}: {result.index} ({shown}, {result.classes} classes{errors})")
+    from worker.text import printable
+    click.echo(f"report of job {job.id}: {printable(result.index)} ({shown}, {result.classes} classes{errors})")

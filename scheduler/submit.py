@@ -12,11 +12,15 @@ import json
 import itertools
 import os
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from storage import objects
 from storage.jobs import JobStore
+from worker.output import output_stem
 from worker.text import printable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -128,12 +132,15 @@ def chunked(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 def check_weights_source(weights: str) -> None:
-    """A job's weights source is stored in the database and read by every worker, and passwords
-    and signatures are never stored: a URL that carries one could not be read back."""
-    if objects.mask_url(weights) != weights:
-        raise SubmitError(f"--weights {objects.mask_url(weights)}: a URL with a password or signature cannot be "
-                          "given to a job (secrets are not stored in its database); put the checkpoint in an S3 "
-                          "bucket the workers can read, or serve it without credentials")
+    """A job's weights source is stored in the database and read by every worker, and secrets are
+    never stored. The rule: a URL with a query string or userinfo (where signatures, tokens, API keys
+    and passwords travel, whatever they are called) is refused, whatever its parameters are named."""
+    if objects.url_carries_secret(weights):
+        raise SubmitError(f"--weights {objects.without_secrets(weights)}: a URL with a query string or a user "
+                          "name/password cannot be given to a job (it may carry a secret, and a job's weights "
+                          "source is stored in its database and read by its workers); use a local path, "
+                          "s3://bucket/key (the workers' own S3 credentials), a plain https:// URL without "
+                          "query or credentials, or official; `predict` takes such a URL as it runs no job")
 
 
 def weights_identity(weights: str, model: str) -> str:
@@ -142,7 +149,7 @@ def weights_identity(weights: str, model: str) -> str:
     if weights in ("official", "random"):
         return f"{weights}:{model}"
     if weights.startswith(("http://", "https://")):
-        return objects.mask_url(weights)
+        return weights          # check_weights_source refused any URL that could carry a secret
     try:
         return "sha256:" + hashlib.sha256(objects.read_bytes(weights)).hexdigest()
     except objects.ObjectStoreError as exc:
@@ -160,43 +167,79 @@ def model_fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def _output_conflicts(infos: Iterator[objects.ObjectInfo],
-                      on_conflict: Callable[[objects.ObjectInfo, str], None]) -> Iterator[objects.ObjectInfo]:
+def _output_conflicts(store: JobStore, job_id: str, infos: Iterator[objects.ObjectInfo],
+                      on_conflict: Callable[[objects.ObjectInfo, str, str], None]) -> Iterator[objects.ObjectInfo]:
     """Yields the images whose outputs no earlier image claims; gives each other one to
-    `on_conflict(info, earlier_key)`: "a.jpg" and "a.png" would both write DEST/a.png and a.json.
+    `on_conflict(info, output name, earlier_key)`. Keys name the same outputs when their
+    output_stem is equal: "a.jpg" and "a.png", "a//b.jpg" and "a/b.jpg", "café" decomposed and
+    composed, "A.JPG" and "A.jpeg". Such keys can be anywhere in a listing, so the database keeps
+    the names (JobStore.claim_output_names), a batch at a time: memory stays flat however many.
+    Keys that have no usable name pass: their images fail with the reason when processed."""
+    while batch := list(itertools.islice(infos, INSERT_BATCH)):
+        names = {}
+        for info in batch:
+            try:
+                names[info.key] = output_stem(info.key)
+            except ValueError:
+                pass
+        conflicts = store.claim_output_names(job_id, list(names.items()))
+        for info in batch:
+            if info.key in conflicts:
+                on_conflict(info, names[info.key], conflicts[info.key])
+            else:
+                yield info
 
-    Keys that share a stem all start with "<stem>.", and every listing read here keeps the keys
-    with a common prefix together (lexicographic: AWS, local folders; SeaweedFS: folder by folder,
-    entries by name), so only the stems whose range the walk is inside are held: memory grows
-    with the nesting of names, not with the number of keys. Keys that name the same output only
-    after normalisation ("a//b.jpg" and "a/b.png") are not caught.
-    """
-    inside: list[tuple[str, str]] = []     # (stem, its first key), each stem extending the one before
-    for info in infos:
-        key = info.key
-        while inside and not key.startswith(inside[-1][0] + "."):
-            inside.pop()
-        stem = key[:key.rfind(".")]          # image keys always end in an extension
-        if inside and inside[-1][0] == stem:
-            on_conflict(info, inside[-1][1])
-        else:
-            inside.append((stem, key))
-            yield info
 
-
-def _conflict_error(info: objects.ObjectInfo, earlier_key: str) -> str:
-    stem = info.key[:info.key.rfind(".")]
-    return (f"{OUTPUT_CONFLICT} its outputs {stem}.png and {stem}.json in DEST would overwrite those of "
+def _conflict_error(name: str, earlier_key: str) -> str:
+    return (f"{OUTPUT_CONFLICT} its outputs {name}.png and {name}.json in DEST would overwrite those of "
             f"{earlier_key}, listed before it; rename one of the two and submit again (retry leaves this image failed)")
+
+
+class DestOutputs:
+    """Which output names have both their PNG and their JSON in DEST, from ONE listing of DEST
+    (not a request per image), read on first use. Held as sorted 64-bit hashes of the names:
+    8 bytes per output however long the paths, so a nightly run over millions stays small."""
+
+    def __init__(self, dest: str):
+        self.dest = dest
+        self._both: np.ndarray | None = None
+
+    @staticmethod
+    def _name_hash(name: str) -> int:
+        return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+    def _load(self) -> np.ndarray:
+        pngs, jsons = array("Q"), array("Q")
+        try:
+            for info in objects.list_objects(self.dest):
+                if info.key.endswith(".png"):
+                    pngs.append(self._name_hash(info.key[:-4]))
+                elif info.key.endswith(".json"):
+                    jsons.append(self._name_hash(info.key[:-5]))
+        except objects.ObjectNotFound:          # no DEST yet: nothing was written there
+            pass
+        except objects.ObjectStoreError as exc:
+            raise SubmitError(f"cannot list DEST {self.dest} to check which outputs exist: {exc}") from exc
+        return np.intersect1d(np.frombuffer(pngs, np.uint64), np.frombuffer(jsons, np.uint64))
+
+    def have_both(self, stem: str) -> bool:
+        if self._both is None:
+            self._both = self._load()
+        wanted = np.uint64(self._name_hash(stem))
+        at = int(np.searchsorted(self._both, wanted))
+        return at < len(self._both) and self._both[at] == wanted
 
 
 def _unchanged_filter(store: JobStore, spec: JobSpec, fingerprint: str, infos: Iterator[objects.ObjectInfo],
                       skipped: list[int]) -> Iterator[objects.ObjectInfo]:
-    """Drops the images whose ETag is unchanged since their last success with this fingerprint."""
+    """Drops the images whose ETag is unchanged since their last success with this fingerprint
+    and whose two outputs are still in DEST (one deleted since: processed again)."""
+    outputs = DestOutputs(spec.dest)
     while batch := list(itertools.islice(infos, INSERT_BATCH)):
         done = store.previous_successes(spec.source, spec.dest, fingerprint, [i.key for i in batch])
         for info in batch:
-            if info.key in done and done[info.key] == info.etag and info.etag:
+            if (info.etag and info.key in done and done[info.key] == info.etag
+                    and outputs.have_both(output_stem(info.key))):
                 skipped[0] += 1
             else:
                 yield info
@@ -270,14 +313,14 @@ def _record_and_queue(store: JobStore, spec: JobSpec, job_id: str, fingerprint: 
                       force: bool) -> None:
     conflicts: list[tuple] = []
 
-    def record_conflict(info: objects.ObjectInfo, earlier_key: str) -> None:
-        conflicts.append((info.key, info.uri, info.etag, info.size, _conflict_error(info, earlier_key)))
+    def record_conflict(info: objects.ObjectInfo, name: str, earlier_key: str) -> None:
+        conflicts.append((info.key, info.uri, info.etag, info.size, _conflict_error(name, earlier_key)))
         if len(conflicts) >= INSERT_BATCH:
             store.add_failed_images(job_id, conflicts)
             conflicts.clear()
 
     # Before the unchanged filter: an unchanged image still claims its outputs.
-    found = _output_conflicts(found, record_conflict)
+    found = _output_conflicts(store, job_id, found, record_conflict)
     skipped = [0]
     if not force:
         found = _unchanged_filter(store, spec, fingerprint, found, skipped)

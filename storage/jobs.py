@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
 from storage.retry import retry_transient
-from storage.schema import FINISHED_JOB_STATES, Image, ImageClass, Job, utcnow
+from storage.schema import FINISHED_JOB_STATES, Image, ImageClass, Job, OutputName, utcnow
 
 __all__ = [
     "JobStore", "JobStatus", "ImageRecord", "ClaimedImage",
@@ -48,6 +48,7 @@ T = TypeVar("T")
 jobs_t = Job.__table__
 images_t = Image.__table__
 classes_t = ImageClass.__table__
+names_t = OutputName.__table__
 
 TIMING_FIELDS = ("decode_ms", "model_ms", "postprocess_ms", "upload_ms")
 _ACTIVE_JOB_STATES = ("pending", "running")
@@ -333,6 +334,18 @@ def _database_id(url: str) -> str:
     return f"postgresql:{cluster}:{oid}"
 
 
+@functools.cache
+def _pg_insert_names():
+    """PostgreSQL: output names bound as two arrays, ``ON CONFLICT DO NOTHING RETURNING name``."""
+    from sqlalchemy.dialects.postgresql import ARRAY, insert as pg_insert
+
+    rows = func.unnest(bindparam("names", type_=ARRAY(Text)), bindparam("keys", type_=ARRAY(Text))
+                       ).table_valued("name", "key").render_derived()
+    query = select(bindparam("job_id", type_=names_t.c.job_id.type), rows.c.name, rows.c.key)
+    return (pg_insert(names_t).from_select(["job_id", "name", "key"], query)
+            .on_conflict_do_nothing(index_elements=["job_id", "name"]).returning(names_t.c.name))
+
+
 class JobStore:
     """Jobs, images, leases and statistics in the database at ``url`` (see storage.db)."""
 
@@ -505,6 +518,43 @@ class JobStore:
             return ids
 
         return self._write(tx)
+
+    def claim_output_names(self, job_id: str, entries: Sequence[tuple[str, str]]) -> dict[str, str]:
+        """Record ``(key, output name)`` pairs of the job, first come first served, in one
+        transaction. Returns ``{key: the key that holds its name}`` for every key whose name was
+        claimed before it, in an earlier call or earlier in ``entries``: an output conflict. A key
+        that holds its name already (a batch recorded twice) is not one. The database decides (a
+        primary key on job and name), so keys far apart in a listing of millions are still caught."""
+        first: dict[str, str] = {}                  # name → its first key in this batch
+        later: dict[str, str] = {}                  # key → the name another key here took first
+        for key, name in entries:
+            if first.setdefault(name, key) != key:
+                later[key] = name
+        if not first:
+            return {}
+
+        def tx(conn: Connection) -> dict[str, str]:
+            names = list(first)
+            if conn.dialect.name == "postgresql":
+                inserted = set(conn.scalars(_pg_insert_names(), dict(
+                    job_id=job_id, names=names, keys=[first[name] for name in names])).all())
+            else:
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+                inserted = set(conn.scalars(
+                    sqlite_insert(names_t).on_conflict_do_nothing().returning(names_t.c.name),
+                    [dict(job_id=job_id, name=name, key=first[name]) for name in names]).all())
+            holders: dict[str, str] = {}
+            taken = [name for name in names if name not in inserted]
+            for group in _chunks(taken, _IN_CHUNK):
+                holders.update(conn.execute(select(names_t.c.name, names_t.c.key)
+                                            .where(names_t.c.job_id == job_id, names_t.c.name.in_(group))).all())
+            return holders
+
+        holders = self._write(tx)
+        conflicts = {first[name]: holder for name, holder in holders.items() if holder != first[name]}
+        for key, name in later.items():             # the holder, not a first key that lost too
+            conflicts[key] = holders.get(name, first[name])
+        return conflicts
 
     def add_failed_images(self, job_id: str, entries: Iterable[tuple[str, str, str | None, int | None, str]]) -> list[int]:
         """Record ``(key, uri, etag, size, error)`` images that fail before any work is done (their

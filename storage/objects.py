@@ -37,6 +37,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+from .retry import retry_transient
+
 __all__ = [
     "ObjectStoreError",
     "ObjectNotFound",
@@ -53,6 +55,9 @@ __all__ = [
     "is_local",
     "local_path",
     "mask_url",
+    "url_carries_secret",
+    "without_secrets",
+    "redact_urls",
     "s3_client",
     "reset_client",
 ]
@@ -261,6 +266,43 @@ def mask_url(url):
     return ";".join(_mask_one(part) for part in _FAILOVER_SPLIT.split(url))
 
 
+def _authority(rest: str) -> str:
+    """The part of a URL after "scheme://" up to its path, query or fragment."""
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
+def url_carries_secret(url: str) -> bool:
+    """Whether a URL has a query string or userinfo: where signatures, tokens, API keys and
+    passwords travel, whatever their scheme calls them (a rule, not a list of parameter names)."""
+    m = _SCHEME_RE.match(url) if isinstance(url, str) else None
+    if not m:
+        return False
+    rest = url[m.end():]
+    return "?" in rest or "@" in _authority(rest) or _loose_userinfo(rest) is not None
+
+
+def _loose_userinfo(rest: str):
+    """``user:password@host…`` where the password holds "/", "?" or "#" (not ``host:8080/a@b``)."""
+    loose = _LOOSE_USERINFO.match(rest)
+    return loose if loose and not re.match(r"\d*(?:[/?#]|$)", loose.group("pw")) else None
+
+
+def without_secrets(url: str) -> str:
+    """A URL as it may be shown or logged: userinfo and query string dropped (marked ``…``)."""
+    if not url_carries_secret(url):
+        return url
+    m = _SCHEME_RE.match(url)
+    rest = url[m.end():].split("#", 1)[0]
+    loose = None if "@" in _authority(rest) else _loose_userinfo(rest)
+    if loose is not None:               # a password holding "/" or "?": everything up to the last "@"
+        rest = loose.group("rest")
+    authority = _authority(rest)
+    tail = rest[len(authority):]
+    if loose is not None or "@" in authority:
+        authority = "…@" + authority.rpartition("@")[2]
+    return url[:m.end()] + authority + tail.split("?", 1)[0] + ("?…" if "?" in tail else "")
+
+
 _FAILOVER_SPLIT = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
@@ -270,6 +312,11 @@ _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 def _scrub(text: str) -> str:
     """Mask every URL found in a free-form message (e.g. an endpoint URL in a botocore error)."""
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in a free-form message with its userinfo and query string dropped."""
+    return _URL_IN_TEXT.sub(lambda m: without_secrets(m.group(0)), text)
 
 
 def _display(uri: str) -> str:
@@ -701,11 +748,20 @@ def _list_s3(prefix_uri: str, p: _Parsed) -> Iterator[ObjectInfo]:
         prefix += "/"
     base = f"s3://{p.bucket}/{prefix}"
     kwargs = {"Bucket": p.bucket, "Prefix": prefix}
-    while True:
+
+    def list_page() -> dict:
         try:
-            page = s3_client().list_objects_v2(**kwargs)
+            return s3_client().list_objects_v2(**kwargs)
         except (ClientError, BotoCoreError) as e:
             raise _s3_error("list", prefix_uri, e) from None
+
+    first = True
+    while True:
+        # The first page fails fast (a wrong endpoint, a store down when the command starts: said
+        # at once); a page after it is retried within storage.retry's time budget, so that an
+        # outage in the middle of a long listing costs time, not the listing.
+        page = list_page() if first else retry_transient(list_page, what=f"list {prefix_uri}")
+        first = False
         for obj in page.get("Contents", ()):
             full = obj["Key"]
             if full.endswith("/") or not full.startswith(prefix):

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.x declarative models: jobs, images, image_classes.
+"""SQLAlchemy 2.x declarative models: jobs, images, image_classes, output_names.
 
 The migrations in ``storage/migrations/versions`` create exactly these tables; a test compares the
 two. Timestamps are timezone-aware UTC in Python and stored as UTC on every backend (PostgreSQL:
@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
-    "Base", "Job", "Image", "ImageClass", "UTCDateTime", "utcnow",
+    "Base", "Job", "Image", "ImageClass", "OutputName", "UTCDateTime", "utcnow",
     "JOB_STATES", "IMAGE_STATES", "FINISHED_JOB_STATES",
 ]
 
@@ -146,3 +146,16 @@ class ImageClass(Base):
     pixels: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (Index("ix_image_classes_job_id_category_id", "job_id", "category_id"),)
+
+
+class OutputName(Base):
+    """Which listed image claimed each output name of a job (worker.output.output_stem: the
+    normalised path, extension dropped). The primary key is the output-conflict check: a second
+    key with the same name, however far from the first in the listing, cannot be inserted. Filled
+    by submit for every image listed, unchanged ones skipped by a nightly run included."""
+
+    __tablename__ = "output_names"
+
+    job_id: Mapped[str] = mapped_column(String(12), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text)

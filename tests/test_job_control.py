@@ -150,16 +150,24 @@ CONFLICT_KEYS = ["a/x.jpg", "a-b.jpg", "a.JPG", "a.b.jpg", "a.jpg", "a.k/b.jpg",
 CONFLICTS = {"a.jpg": "a.JPG", "a.png": "a.JPG", "z/a.png": "z/a.jpg"}     # the later key → the one it loses to
 
 
-def test_output_conflicts_are_found_in_every_listing_order():
+def test_output_conflicts_are_found_in_every_listing_order(tmp_path):
     from scheduler.submit import _output_conflicts
     from storage.objects import ObjectInfo
 
-    for keys in (CONFLICT_KEYS, sorted(CONFLICT_KEYS)):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.db'}")
+    for keys in (CONFLICT_KEYS, sorted(CONFLICT_KEYS), sorted(CONFLICT_KEYS, reverse=True)):
+        job_id = store.create_job("c", "/in", "/out", "detr-r50", "random", 0.85, 800, 1333, {})
         lost = {}
-        kept = [i.key for i in _output_conflicts(iter([ObjectInfo("x/" + k, k, 1, "e") for k in keys]),
-                                                 lambda info, earlier: lost.__setitem__(info.key, earlier))]
-        assert lost == CONFLICTS
-        assert kept == [k for k in keys if k not in CONFLICTS]
+        kept = [i.key for i in _output_conflicts(store, job_id, iter([ObjectInfo("x/" + k, k, 1, "e") for k in keys]),
+                                                 lambda info, name, earlier: lost.__setitem__(info.key, earlier))]
+        # The first listed of each name wins: whichever order the store lists in.
+        winners = {}
+        for key in keys:
+            winners.setdefault(key.rsplit(".", 1)[0], key)
+        assert lost == {k: winners[k.rsplit(".", 1)[0]] for k in keys if winners[k.rsplit(".", 1)[0]] != k}
+        assert len(lost) == len(CONFLICTS) and kept == [k for k in keys if k not in lost]
+        if keys == CONFLICT_KEYS:
+            assert lost == CONFLICTS
 
 
 def test_submit_fails_images_whose_outputs_another_image_claims(s3_server, s3_bucket, pg_database_url, tmp_path):

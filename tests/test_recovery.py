@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
+import click
 import numpy as np
 import psycopg
 import pytest
@@ -414,18 +415,108 @@ def test_retry_transient_does_not_retry_permanent_errors():
         assert fn.calls == 1 and sleeps == []
 
 
-def test_retry_transient_is_bounded():
+class FakeClock:
+    """A monotonic clock that only sleeping moves; records the sleeps."""
+
+    def __init__(self):
+        self.now, self.sleeps = 1000.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_retry_transient_retries_for_a_time_budget_not_a_count(monkeypatch):
+    # The default budget: at least 90 s of retrying, whatever the number of tries it takes.
+    monkeypatch.delenv("PANOPTIC_RETRY_SECONDS", raising=False)
+    clock = FakeClock()
+    fn = Flaky(*[transient_error() for _ in range(1000)])
+    with pytest.raises(objects.ObjectStoreError) as raised:
+        retry_transient(fn, sleep=clock.sleep, clock=clock)
+    assert raised.value.transient
+    assert 90 <= sum(clock.sleeps) == pytest.approx(120.0) and fn.calls == len(clock.sleeps) + 1 > 8
+    assert max(clock.sleeps) <= 10.0                    # each sleep capped, so recovery is noticed soon
+    # An outage shorter than the budget is ridden out: the call succeeds once the store is back.
+    clock = FakeClock()
+    fn = Flaky(*[transient_error() for _ in range(1000)])
+    back_at = clock.now + 75.0
+
+    def store(fn=fn):
+        if clock.now < back_at:
+            return fn()
+        return "ok"
+    assert retry_transient(store, sleep=clock.sleep, clock=clock) == "ok" and 75 <= sum(clock.sleeps) < 86
+    # Configurable (the tests' own outages are short), and a bad value is refused with its name.
+    monkeypatch.setenv("PANOPTIC_RETRY_SECONDS", "3")
+    clock = FakeClock()
+    with pytest.raises(objects.ObjectStoreError):
+        retry_transient(Flaky(*[transient_error() for _ in range(1000)]), sleep=clock.sleep, clock=clock)
+    assert sum(clock.sleeps) == pytest.approx(3.0)
+    monkeypatch.setenv("PANOPTIC_RETRY_SECONDS", "soon")
+    with pytest.raises(ValueError, match="PANOPTIC_RETRY_SECONDS"):
+        retry_transient(Flaky(transient_error()), sleep=clock.sleep, clock=clock)
+    from scheduler.cli import check_worker_settings        # run and worker refuse it before any work
+    with pytest.raises(click.ClickException, match="PANOPTIC_RETRY_SECONDS='soon'"):
+        check_worker_settings("cpu", "fp32")
+    # A bound on calls still works (the database's retries use one).
     sleeps = []
     fn = Flaky(*[transient_error() for _ in range(10)])
-    with pytest.raises(objects.ObjectStoreError) as raised:
-        retry_transient(fn, attempts=4, sleep=sleeps.append)
-    assert fn.calls == 4 and len(sleeps) == 3 and raised.value.transient
-    # The default policy: 8 calls, at most ~51.5 s of sleeping, each delay capped at 20 s.
-    fn = Flaky(*[transient_error() for _ in range(10)])
     with pytest.raises(objects.ObjectStoreError):
-        retry_transient(fn, sleep=sleeps.clear() or sleeps.append)
-    assert fn.calls == 8 and len(sleeps) == 7 and sum(sleeps) <= 51.5 and max(sleeps) <= 20
-    assert all(0 <= backoff_delay(n) <= min(20.0, 0.5 * 2 ** n) for n in range(40))
+        retry_transient(fn, attempts=4, sleep=sleeps.append)
+    assert fn.calls == 4 and len(sleeps) == 3
+    assert all(0 <= backoff_delay(n) <= min(10.0, 0.5 * 2 ** n) for n in range(40))
+
+
+def test_run_rides_out_a_60_second_s3_outage(tmp_path, monkeypatch):
+    """A real S3 server (SeaweedFS) stopped for 60 s in the middle of a `run` job, then started
+    again on the same port and data: every image still succeeds, nothing is counted twice."""
+    from storage.s3server import S3Server, free_ports
+    from tests.test_pipeline import exe
+
+    # A fixed S3 port and data folder: started again, the server finds its objects.
+    server = S3Server(tmp_path / "weed", s3_port=free_ports(1, "127.0.0.1")[0]).start()
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.delenv("PANOPTIC_RETRY_SECONDS", raising=False)     # the default budget
+        bucket = server.create_bucket("outage")
+        files = tiny_images(40, seed=6)
+        upload(bucket, files)
+        env = dict(os.environ, PANOPTIC_DATABASE_URL=f"sqlite:///{tmp_path / 'jobs.db'}", PYTHONUNBUFFERED="1")
+        store = JobStore(env["PANOPTIC_DATABASE_URL"])
+        log = tmp_path / "run.log"
+        with open(log, "wb") as out:
+            run = subprocess.Popen([exe(), "run", f"s3://{bucket}/in", "--dest", f"s3://{bucket}/out",
+                                    "--chunk-size", CHUNK, *MODEL_ARGS], env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not (store.jobs() and store.jobs()[0].succeeded >= 6):
+                assert run.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+                time.sleep(0.2)
+            job_id = store.jobs()[0].id
+            server.stop()
+            halted = time.monotonic()
+            during = store.job(job_id)
+            assert during.succeeded < len(files), "the outage must fall in the middle of the job"
+            time.sleep(max(0.0, 60 - (time.monotonic() - halted)))
+            server.start()
+            assert run.wait(300) == 0, log.read_text(errors="replace")[-3000:]
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(30)
+        text_log = log.read_text(errors="replace")
+        assert "failed with a transient error" in text_log, text_log[-3000:]       # it did wait the outage out
+        assert store.job(job_id).succeeded > during.succeeded
+        check_job(env, store, job_id, bucket, files)
+    finally:
+        server.stop()
 
 
 def test_object_store_errors_say_whether_they_are_transient(s3_server, s3_bucket, tmp_path, monkeypatch):

@@ -139,14 +139,76 @@ def test_local_overlaps_are_refused(tmp_path):
     check_locations(str(source), str(tmp_path / "elsewhere"))
 
 
-@pytest.mark.parametrize("weights", ["https://u:pw@host/detr.pth", "https://host/detr.pth?X-Amz-Signature=abc",
-                                     "https://host/detr.pth?token=abc"])
-def test_weights_urls_with_secrets_are_refused_for_jobs(weights):
+GCS_V4_SIGNED = ("https://storage.googleapis.com/models/detr.pth?X-Goog-Algorithm=GOOG4-RSA-SHA256"
+                 "&X-Goog-Credential=svc%40proj.iam.gserviceaccount.com%2F20260101%2Fauto%2Fstorage%2Fgoog4_request"
+                 "&X-Goog-Date=20260101T000000Z&X-Goog-Expires=900&X-Goog-SignedHeaders=host"
+                 "&X-Goog-Signature=5ecre7a11ce5ecre7")
+# Secrets in every place a URL can carry one, under names no list would know.
+SECRET_WEIGHTS_URLS = [GCS_V4_SIGNED, "https://host/detr.pth?key=AIza5ecre7", "https://user:5ecre7@host/detr.pth",
+                       "https://5ecre7@host/detr.pth", "https://host/detr.pth?X-Amz-Signature=5ecre7",
+                       "https://host/detr.pth?v=2&whatever=5ecre7", "https://u:pa/5ecre7@host/detr.pth",
+                       "file:///models/detr.pth?token=5ecre7", "s3://bucket/detr.pth?sig=5ecre7"]
+
+
+@pytest.mark.parametrize("weights", SECRET_WEIGHTS_URLS)
+def test_weights_urls_with_a_query_or_userinfo_are_refused_for_jobs(weights):
     with pytest.raises(SubmitError, match="cannot be given to a job") as raised:
         check_weights_source(weights)
-    assert "pw" not in str(raised.value) and "abc" not in str(raised.value)
-    for fine in ("official", "random", "s3://bucket/detr.pth", "/models/detr.pth", "https://host/detr.pth?v=2"):
+    message = str(raised.value)
+    assert "5ecre7" not in message and "svc%40proj" not in message
+    assert all(word in message for word in ("local path", "s3://", "https://", "official"))   # the alternatives
+    for fine in ("official", "random", "s3://bucket/detr.pth", "/models/detr.pth", "https://host/detr.pth",
+                 "https://host:8443/models/a@2x.pth"):
         check_weights_source(fine)
+
+
+def test_jobs_refuse_secret_weights_urls_and_predict_keeps_them_out_of_its_output(tmp_path):
+    """submit and run refuse a signed weights URL before recording anything, and print nothing of
+    the secret; predict downloads through one (the server ignores the query) and prints nothing
+    of it either, nor when the download fails."""
+    import functools
+    import http.server
+    import threading
+
+    import torch
+
+    from worker.model import create_model
+
+    (tmp_path / "served").mkdir()
+    torch.save({"model": create_model("detr-r50", seed=1).state_dict()}, tmp_path / "served" / "detr.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg())
+    database = tmp_path / "jobs.db"
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=f"sqlite:///{database}", PANOPTIC_BROKER_URL=REDIS_URL,
+               TORCH_HOME=str(tmp_path / "torch-home"))
+    signed = GCS_V4_SIGNED.replace("https://storage.googleapis.com/models", base)
+    model_args = [a if a != "random" else signed for a in MODEL_ARGS]
+    try:
+        outputs = []
+        for command in ("submit", "run"):
+            result = cli(command, str(tmp_path / "in"), "--dest", str(tmp_path / "out"), *model_args, env=env)
+            assert result.returncode != 0 and "cannot be given to a job" in result.stderr, result.stderr
+            outputs += [result.stdout, result.stderr]
+        assert JobStore(env["PANOPTIC_DATABASE_URL"]).jobs() == []          # nothing recorded
+        predicted = cli("predict", str(tmp_path / "in" / "a.jpg"), "--out", str(tmp_path / "pred"), *model_args,
+                        env=env)
+        assert predicted.returncode == 0, predicted.stderr
+        assert json.loads((tmp_path / "pred" / "a.json").read_text())["segments_info"] is not None
+        missing = cli("predict", str(tmp_path / "in" / "a.jpg"), "--out", str(tmp_path / "pred"),
+                      *[a.replace("/detr.pth", "/missing.pth") for a in model_args], env=env)
+        assert missing.returncode != 0 and "cannot download weights from" in missing.stderr, missing.stderr
+        assert "missing.pth?…" in missing.stderr
+        outputs += [predicted.stdout, predicted.stderr, missing.stdout, missing.stderr]
+    finally:
+        server.shutdown()
+    stored = database.read_bytes() if database.exists() else b""
+    for text in outputs + [stored.decode("latin-1")] + [p.name for p in tmp_path.rglob("*")]:
+        assert "5ecre7" not in text and "svc%40proj" not in text
 
 
 def test_submit_refuses_overlapping_s3_dest(s3_server, s3_bucket, tmp_path):
@@ -261,7 +323,7 @@ def test_secrets_keys_and_pickle_end_to_end(s3_server, s3_bucket, pg_database_ur
         delete_queue(idle_queue)              # its chunks are never processed
     # refused (a job's weights are read back by workers, and secrets are never stored), saying so
     assert idle.returncode != 0 and "cannot be given to a job" in idle.stderr, idle.stderr
-    assert "https://reader:***@127.0.0.1:9/detr.pth?token=***" in idle.stderr
+    assert "https://…@127.0.0.1:9/detr.pth?…" in idle.stderr     # named without its userinfo and query
     assert "default:***@" in submitted.stdout  # the broker is named, its password masked
 
     marker = tmp_path / "unpickled"

@@ -21,6 +21,8 @@ import sys
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
+from .text import printable
+
 FORMATS = ("text", "json")
 FORMAT_ENV = "PANOPTIC_LOG_FORMAT"
 TEXT_FORMAT = "[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s%(context)s"
@@ -104,9 +106,19 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
+        # Messages carry data (keys, job names, errors): escaped, so that none can move the
+        # cursor, clear a terminal or start a fake log line. The record is copied: other
+        # handlers (JSON) keep the exact text.
         job_id = getattr(record, "job_id", None)
-        record.context = f" [job {job_id}]" if job_id else ""
+        record = logging.makeLogRecord({**vars(record), "msg": printable(record.getMessage()), "args": None, "exc_text": None,
+                                        "context": f" [job {printable(job_id)}]" if job_id else ""})
         return super().format(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join(printable(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(printable(line) for line in super().formatStack(stack_info).splitlines())
 
 
 def make_handler(log_format: str = "text", stream=None) -> logging.Handler:

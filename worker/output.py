@@ -12,7 +12,6 @@ import struct
 import unicodedata
 import zlib
 from collections.abc import Mapping
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -160,15 +159,21 @@ def output_stem(key: str) -> str:
     separator on Windows) are refused with a ValueError that says why.
     """
     text = unicodedata.normalize("NFC", key)
-    bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS})
-    if bad:
-        shown = ", ".join("backslash" if c == "\\" else f"U+{ord(c):04X}" for c in bad)
-        raise ValueError(f"unsafe image key {key!r}: it contains {shown} (control characters, bidirectional "
-                         f"overrides and backslashes are not allowed in output names)")
+    # Plain ASCII keys (nearly all) have nothing to refuse but backslashes: skip the per-character
+    # scan, which would be most of submit's cost per key (every key's name is checked there).
+    if not (text.isascii() and text.isprintable()) or "\\" in text:
+        bad = sorted({c for c in text if c == "\\" or unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS})
+        if bad:
+            shown = ", ".join("backslash" if c == "\\" else f"U+{ord(c):04X}" for c in bad)
+            raise ValueError(f"unsafe image key {key!r}: it contains {shown} (control characters, bidirectional "
+                             f"overrides and backslashes are not allowed in output names)")
     parts = [part for part in text.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise ValueError(f"unsafe image key {key!r}: '..' would put its outputs outside DEST")
-    stem = PurePosixPath(*parts).with_suffix("") if parts else None
-    if stem is None or stem.name in ("", ".", ".."):      # "", "/", "..jpg", "...jpg"
+    name = parts[-1] if parts else ""
+    dot = name.rfind(".")
+    if 0 < dot < len(name) - 1:            # the extension, as pathlib sees one: ".x" and "x." have none
+        name = name[:dot]
+    if name in ("", ".", ".."):            # "", "/", "..jpg", "...jpg"
         raise ValueError(f"unusable image key {key!r}: no file name to name its outputs after")
-    return str(stem)
+    return "/".join(parts[:-1] + [name])

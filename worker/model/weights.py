@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from storage.objects import redact_urls, without_secrets
+
 from ..config import VARIANTS, VariantSpec
 
 RANDOM_SEED = 0
@@ -34,7 +36,7 @@ class WeightsError(RuntimeError):
 class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     sha256: str          # of the checkpoint file's bytes
-    source: str          # as given, for messages and provenance
+    source: str          # as given, secrets dropped (storage.objects.without_secrets): for messages
 
 
 def checkpoint_cache_dir() -> Path:
@@ -93,13 +95,17 @@ def _download_url(url: str) -> Path:
         try:
             torch.hub.download_url_to_file(url, str(path), progress=False)
         except Exception as exc:
-            raise WeightsError(f"cannot download weights from {url}: {exc}") from exc
+            # The URL may carry a signature or password (predict takes such URLs): never in a message.
+            reason = str(exc).replace(url, without_secrets(url))
+            raise WeightsError(f"cannot download weights from {without_secrets(url)}: "
+                               f"{type(exc).__name__}: {redact_urls(reason)}") from exc
     return path
 
 
 def load_weights(source: str, variant: str) -> LoadedWeights:
     """Resolve a weights source other than "random" into a state dict and the file's SHA-256."""
     spec = VARIANTS[variant]
+    shown = without_secrets(source)         # what messages and the loaded weights' provenance show
     if source == "official":
         path = _official_path(spec)
         data = path.read_bytes()
@@ -110,14 +116,14 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
         try:
             data = read_bytes(source)
         except ObjectStoreError as exc:
-            raise WeightsError(f"cannot read weights from {source}: {exc}") from exc
+            raise WeightsError(f"cannot read weights from {shown}: {exc}") from exc
     else:
         path = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist (use --weights official, random, "
                                f"a local path, s3://bucket/key or an https:// URL)")
         data = path.read_bytes()
-    return LoadedWeights(_state_dict_from_bytes(data, source), hashlib.sha256(data).hexdigest(), source)
+    return LoadedWeights(_state_dict_from_bytes(data, shown), hashlib.sha256(data).hexdigest(), shown)
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
