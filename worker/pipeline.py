@@ -5,8 +5,8 @@ mode both call `ChunkProcessor.process`. Effects are exactly-once through the da
 image is claimed with a lease and a fencing token, results are written under deterministic keys,
 and a result is recorded only while the claim still holds (see storage.jobs).
 
-Downloads and decoding of a batch run in threads while the model works on the previous batch;
-PNG/JSON uploads and result records run in threads while the model works on the next one.
+Downloads and decoding (to uint8 tensors) of a batch run in threads while the model works on the
+previous batch; the model thread only stages, resizes and normalises whole batches. PNG/JSON uploads and result records run in threads while the model works on the next one.
 SQL: a chunk's claims in one transaction, its results a batch per transaction (RECORD_BATCH).
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import torch
-from PIL import Image
 
 from storage import objects
 from storage.fenced import ClaimLost, publish
@@ -38,7 +37,7 @@ from .model import WeightsError
 from .output import output_stem, result_document
 from .overlay import write_overlay
 from .predictor import ModelConfig, PendingBatch, Predictor
-from .preprocess import check_bytes, decode_image
+from .preprocess import RGBImage, check_bytes, decode_image
 from .text import printable
 
 log = logging.getLogger(__name__)
@@ -115,7 +114,7 @@ class _Decoded:
     image_id: int
     key: str
     uri: str
-    image: Image.Image | None
+    image: RGBImage | None       # decoded to a uint8 tensor here, in the download threads
     error: str | None
     decode_ms: float
     # Downloaded, not decoded: no room in the pixel budget yet. (data, pixels, the ClaimedImage)
@@ -414,7 +413,7 @@ class ChunkProcessor:
             if not self._budget.try_acquire(image.id, pixels):       # decoded later, when there is room
                 return _Decoded(image.id, image.key, image.uri, None, None, (time.perf_counter() - start) * 1e3,
                                 parked=(data, pixels, image))
-            decoded = decode_image(data, max_pixels, max_bytes)
+            decoded = RGBImage.from_pil(decode_image(data, max_pixels, max_bytes))
             error = None
         except Exception as exc:            # a bad image fails alone, with its reason
             decoded, error = None, f"{type(exc).__name__}: {exc}"
@@ -425,7 +424,7 @@ class ChunkProcessor:
         start = time.perf_counter()
         data, _, _ = parked.parked
         try:
-            decoded, error = decode_image(data, max_pixels, max_bytes), None
+            decoded, error = RGBImage.from_pil(decode_image(data, max_pixels, max_bytes)), None
         except Exception as exc:
             decoded, error = None, f"{type(exc).__name__}: {exc}"
         return _Decoded(parked.image_id, parked.key, parked.uri, decoded, error,
@@ -533,6 +532,6 @@ class ChunkProcessor:
         # image, and its rendering does not count as upload time.
         try:
             if job.config.get("overlays") and recorded:
-                write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
+                write_overlay(job.dest, stem, d.image.pil(), result["id_map"], result["segments_info"])
         finally:
             self._budget.release(d.image_id)        # its pixels are no longer needed

@@ -7,6 +7,7 @@ results in batches: preprocess → DETR (mask head pruned to confident queries) 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ from PIL import Image
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
 from .model import create_model
 from .postprocess import start_postprocess
-from .preprocess import image_tensor, pad_batch, processed_size
+from .preprocess import PinnedStaging, RGBImage, prepare_batch, processed_size
 
 __all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device",
            "resolve_device", "resolve_batch_size"]
@@ -27,9 +28,9 @@ __all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRE
 # 13.9 GiB); CPU: batching gains little there and padding costs (BENCHMARKS.md).
 AUTO_BATCH_SIZE = {"cuda": 16, "cpu": 1}
 # Threads that postprocess a batch's images concurrently on CUDA, each on its own stream: the
-# per-image work is many small kernels, a few host syncs and the PNG encoding, so one thread
-# leaves the GPU mostly idle.
-POSTPROCESS_THREADS = 8
+# per-image work is many small kernels, a few host syncs and the PNG encoding (zlib releases the
+# GIL), so one thread leaves the GPU mostly idle; one per core, at least 8.
+POSTPROCESS_THREADS = max(8, os.cpu_count() or 1)
 
 
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
@@ -82,7 +83,9 @@ class Predictor:
         self.model.detr.backbone[0].body.fold_batchnorm()
         self.set_memory_format(torch.channels_last)
         self._postprocess_pool = None
+        self._staging = None
         if self.device.type == "cuda":
+            self._staging = PinnedStaging(self.device)
             # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
             # with each image size and each batch's count of kept queries. On an H200 with eight
             # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
@@ -119,26 +122,35 @@ class Predictor:
         return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype))
 
     @torch.inference_mode()
-    def start_batch(self, images: list[Image.Image]) -> PendingBatch:
-        """Run the model on RGB images (any sizes) and start their postprocessing; returns once
-        the model pass is done. On CUDA the postprocessing goes on in threads (on streams of
-        their own) while the caller starts the next batch: the GPU then runs one batch's model
-        while the CPU finishes the one before. `PendingBatch.results()` waits for it."""
+    def start_batch(self, images: list[Image.Image | RGBImage]) -> PendingBatch:
+        """Run the model on RGB images (any sizes) and start their postprocessing.
+
+        On the CPU, returns with the batch done. On CUDA, returns once the batch's work is queued
+        on the device: the only wait is for the kept-query count (`forward_kept`); the
+        postprocessing threads (on streams of their own) wait for the model's CUDA event, while
+        the caller stages and queues the next batch, so that the GPU always has work.
+        `PendingBatch.results()` waits for the results."""
         cfg = self.config
         start = time.perf_counter()
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(torch.cuda.current_stream(self.device))
         sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
-        batch = pad_batch([image_tensor(im, size, self.device) for im, size in zip(images, sizes)])
+        batch = prepare_batch(images, sizes, self.device, self._staging)
         pixels = batch.images.contiguous(memory_format=self._memory_format)
         with self._autocast():
             outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
-        if self.device.type == "cuda":
-            # This stream only: the previous batch's postprocessing may still run on others.
-            torch.cuda.current_stream(self.device).synchronize()
-        model_done = time.perf_counter()
         futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],
                                     executor=self._postprocess_pool)
-        return PendingBatch(futures, (model_done - start) * 1e3 / len(images), model_done)
+        model_done = time.perf_counter()
+        timing = None
+        if started is not None:
+            timing = (started, torch.cuda.Event(enable_timing=True))
+            timing[1].record(torch.cuda.current_stream(self.device))
+        return PendingBatch(futures, (model_done - start) * 1e3 / len(images), start if timing else model_done,
+                            timing)
 
     def predict_batch(self, images: list[Image.Image]) -> list[dict]:
         """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info}),
@@ -167,12 +179,15 @@ class Predictor:
 
 
 class PendingBatch:
-    """A batch whose model pass is done and whose postprocessing may still be running."""
+    """A batch whose model pass is done (CPU) or queued (CUDA) and whose postprocessing may still
+    be running."""
 
-    def __init__(self, futures: list[Future], model_ms: float, postprocess_started: float):
+    def __init__(self, futures: list[Future], model_ms: float, postprocess_started: float,
+                 device_timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None):
         self._futures = futures
         self._model_ms = model_ms                  # per image
         self._started = postprocess_started
+        self._device_timing = device_timing        # CUDA: events around the batch's device work
         self._finished = [postprocess_started]     # appended to by the threads that finish images
         for future in futures:
             # Runs in the finishing thread, or at once for a future already done.
@@ -183,11 +198,20 @@ class PendingBatch:
         return all(future.done() for future in self._futures)
 
     def results(self) -> list[dict]:
-        """Each image's result, with model_ms and postprocess_ms: the batch's model time and the
-        wall time of its postprocessing (until its last image was done), per image."""
+        """Each image's result, with model_ms and postprocess_ms per image: the batch's model time
+        and the wall time of its postprocessing (until its last image was done). On CUDA the model
+        time is the device's (staging, preprocessing and model, between two CUDA events) and the
+        postprocessing time the rest of the batch's wall time from its start."""
         results = [future.result() for future in self._futures]
-        postprocess_ms = (max(self._finished) - self._started) * 1e3 / max(1, len(results))
+        n = max(1, len(results))
+        wall_ms = (max(self._finished) - self._started) * 1e3
+        model_ms = self._model_ms
+        if self._device_timing is not None:
+            first, last = self._device_timing
+            last.synchronize()
+            model_ms = first.elapsed_time(last) / n
+            wall_ms = max(0.0, wall_ms - model_ms * n)
         for result in results:
-            result["model_ms"] = self._model_ms
-            result["postprocess_ms"] = postprocess_ms
+            result["model_ms"] = model_ms
+            result["postprocess_ms"] = wall_ms / n
         return results
