@@ -385,3 +385,32 @@ def test_the_next_batch_starts_while_the_previous_one_is_postprocessed():
     assert [len(r) for r in predictor.predict_batches([images[:2], images[2:3], images[3:]])] == [2, 1, 1]
     held.pool.shutdown()
     predictor.close()
+
+
+def test_batch_schedule_hands_back_batches_in_order_and_failures_when_collected():
+    """The one batch schedule (worker, run, predict, benchmarks): with a pool, a batch is handed
+    back only once the next one has started; a batch whose model pass raised comes back in its
+    turn, its results raising that error, and does not stop the batches after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.predictor import BatchSchedule, ModelConfig, Predictor
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu", batch_size=2))
+    expected = predictor.predict_batch(images[:1])
+    schedule = BatchSchedule(predictor)
+    assert [tag for tag, _ in schedule.start(images[:1], "a")] == ["a"]      # CPU: done in line
+    predictor._postprocess_pool = ThreadPoolExecutor(2)
+    ready = schedule.start(images[:1], "b")
+    ready += schedule.start([], "broken")             # an empty batch: the model pass raises
+    ready += schedule.start(images[1:], "c")
+    ready += schedule.drain()
+    assert [tag for tag, _ in ready] == ["b", "broken", "c"]
+    assert [r["segments_info"] for r in ready[0][1].results()] == [r["segments_info"] for r in expected]
+    with pytest.raises(Exception):
+        ready[1][1].results()
+    assert len(ready[2][1].results()) == 2
+    assert schedule.drain() == []
+    predictor.close()

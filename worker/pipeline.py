@@ -36,7 +36,7 @@ from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
 from .overlay import write_overlay
-from .predictor import ModelConfig, PendingBatch, Predictor
+from .predictor import BatchSchedule, ModelConfig, PendingBatch, Predictor
 from .preprocess import RGBImage, check_bytes, decode_image
 from .text import printable
 
@@ -119,6 +119,19 @@ class _Decoded:
     decode_ms: float
     # Downloaded, not decoded: no room in the pixel budget yet. (data, pixels, the ClaimedImage)
     parked: tuple | None = None
+
+
+@dataclass
+class _ChunkRun:
+    """What the batch steps of one chunk share: its job, model, io pool, claim and bookkeeping."""
+    job: object
+    predictor: Predictor
+    pool: ThreadPoolExecutor
+    token: str
+    leases: _LeaseKeeper
+    outcomes: list[ImageOutcome]
+    recorder: _Recorder
+    schedule: BatchSchedule
 
 
 class _LeaseKeeper:
@@ -296,7 +309,7 @@ class ChunkProcessor:
         fetching: set[Future] = set()
         uploads: list[Future] = []
         done: set[int] = set()
-        in_flight: list = []        # the batch whose postprocessing runs while the next one's model does
+        chunk = _ChunkRun(job, predictor, pool, token, leases, outcomes, recorder, BatchSchedule(predictor))
 
         def top_up() -> bool:
             """Start downloads while the window has room; False once all have started."""
@@ -311,7 +324,7 @@ class ChunkProcessor:
         def run(batch: list[_Decoded]) -> bool:
             if self._stopping(self.store.job(job.id).state):
                 return False
-            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder, in_flight))
+            uploads.extend(self._run_batch(chunk, batch))
             done.update(d.image_id for d in batch)
             return True
 
@@ -355,8 +368,8 @@ class ChunkProcessor:
             for batch in batcher.flush():
                 if not (running := run(batch)):
                     break
-        while in_flight:
-            uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder))
+        for good, pending in chunk.schedule.drain():
+            uploads.extend(self._collect(chunk, pending, good))
         if not running:                 # cancelled: hand back what was not processed
             for future in fetching:
                 future.cancel()
@@ -438,34 +451,21 @@ class ChunkProcessor:
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
 
-    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes, recorder, in_flight: list) -> list[Future]:
-        """Start the model on a batch, then collect the batch started before it (its postprocessing
-        ran meanwhile: on CUDA in threads, beside this batch's model) and hand its results to
-        uploads. Returns the uploads started."""
+    def _run_batch(self, chunk: _ChunkRun, decoded: list[_Decoded]) -> list[Future]:
+        """Start the model on a batch (`BatchSchedule`), collect the batches the schedule hands
+        back (on CUDA the one started before: its postprocessing ran beside this one's model) and
+        start their uploads. Returns the uploads started."""
         good = [d for d in decoded if d is not None and d.image is not None]
         for d in decoded:
             if d is not None and d.image is None:
-                outcomes.append(self._fail(d.image_id, token, leases, d.error, d.key))
-        if good:
-            in_flight.append((self._start(predictor, good), good))
+                chunk.outcomes.append(self._fail(d.image_id, chunk.token, chunk.leases, d.error, d.key))
         futures = []
-        # Keep in flight only a batch still being postprocessed (CUDA), and only the newest.
-        while in_flight and (len(in_flight) > 1 or in_flight[0][0].done()):
-            futures += self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder)
+        if good:
+            for started, pending in chunk.schedule.start([d.image for d in good], good):
+                futures += self._collect(chunk, pending, started)
         return futures
 
-    @staticmethod
-    def _start(predictor, good) -> PendingBatch:
-        """The batch's PendingBatch; if its model pass raised, one whose results() raises that
-        (dealt with when collected, like a failure in postprocessing)."""
-        try:
-            return predictor.start_batch([d.image for d in good])
-        except Exception as exc:
-            failed = Future()
-            failed.set_exception(exc)
-            return PendingBatch([failed], 0.0, time.perf_counter())
-
-    def _collect(self, pool, job, predictor, pending, good, token, leases, outcomes, recorder) -> list[Future]:
+    def _collect(self, chunk: _ChunkRun, pending: PendingBatch, good: list[_Decoded]) -> list[Future]:
         try:
             results = pending.results()
         except Exception as exc:
@@ -474,16 +474,16 @@ class ChunkProcessor:
             # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
             # so that only the image that cannot be processed fails.
             if len(good) == 1:
-                outcomes.append(self._fail(good[0].image_id, token, leases, f"{type(exc).__name__}: {exc}",
-                                           good[0].key))
+                chunk.outcomes.append(self._fail(good[0].image_id, chunk.token, chunk.leases,
+                                                 f"{type(exc).__name__}: {exc}", good[0].key))
                 return []
             log.warning("batch failed (%s); retrying its images one by one", exc)
-            return [future for d in good for future in
-                    self._collect(pool, job, predictor, self._start(predictor, [d]), [d], token, leases, outcomes,
-                                  recorder)]
-        metrics.batch_done(len(good), predictor.device)
-        recorder.expect(len(good))
-        return [pool.submit(self._upload, job, predictor, d, r, token, leases, recorder)
+            return [future for d in good
+                    for future in self._collect(chunk, chunk.schedule.start_now([d.image]), [d])]
+        metrics.batch_done(len(good), chunk.predictor.device)
+        chunk.recorder.expect(len(good))
+        return [chunk.pool.submit(self._upload, chunk.job, chunk.predictor, d, r, chunk.token, chunk.leases,
+                                  chunk.recorder)
                 for d, r in zip(good, results)]
 
     def _upload(self, job, predictor, d: _Decoded, result, token, leases, recorder: _Recorder) -> ImageOutcome:

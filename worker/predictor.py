@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,7 +21,7 @@ from .model import create_model
 from .postprocess import start_postprocess
 from .preprocess import PinnedStaging, RGBImage, prepare_batch, processed_size
 
-__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device",
+__all__ = ["Predictor", "PendingBatch", "BatchSchedule", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device",
            "resolve_device", "resolve_batch_size"]
 
 # Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
@@ -157,19 +158,15 @@ class Predictor:
         with the batch's per-image share of model and postprocessing time (model_ms, postprocess_ms)."""
         return self.start_batch(images).results()
 
-    def predict_batches(self, batches: Iterable[list[Image.Image]]) -> Iterator[list[dict]]:
-        """`predict_batch` for each batch, in order, each batch's model pass started before the
-        previous batch's results are collected (see `start_batch`)."""
-        pending = None
+    def predict_batches(self, batches: Iterable[list[Image.Image | RGBImage]]) -> Iterator[list[dict]]:
+        """`predict_batch` for each batch, in order, through the one batch schedule
+        (`BatchSchedule`): on CUDA each batch's model is queued before the previous batch's
+        results are collected."""
+        schedule = BatchSchedule(self)
         for images in batches:
-            started = self.start_batch(images)
-            if pending is not None:
+            for _, pending in schedule.start(images):
                 yield pending.results()
-            pending = started
-            if pending.done():          # postprocessed in line (CPU): nothing to overlap
-                yield pending.results()
-                pending = None
-        if pending is not None:
+        for _, pending in schedule.drain():
             yield pending.results()
 
     def predict(self, images: list[Image.Image]) -> list[dict]:
@@ -215,3 +212,41 @@ class PendingBatch:
             result["model_ms"] = model_ms
             result["postprocess_ms"] = wall_ms / n
         return results
+
+
+class BatchSchedule:
+    """The one place where batches are started and collected: the worker (worker.pipeline),
+    `predict`, `run` and the benchmarks all go through it.
+
+    `start(images, tag)` starts a batch (`Predictor.start_batch`) and returns the batches ready to
+    be collected, oldest first, as (tag, PendingBatch): on the CPU the batch itself (done in
+    line); on CUDA the batch before it, whose postprocessing ran while this one was staged and
+    queued, so that `in_flight` batches stay started and the GPU always has the next one. A model
+    pass that raises gives a batch whose results() raise the same, dealt with when it is collected
+    (in order, like any other). `drain()` returns the batches still in flight."""
+
+    def __init__(self, predictor: Predictor, in_flight: int = 1):
+        self.predictor = predictor
+        self.in_flight = in_flight
+        self._started: deque[tuple[object, PendingBatch]] = deque()
+
+    def start_now(self, images: list) -> PendingBatch:
+        """The batch's PendingBatch, outside the schedule (e.g. an image retried alone); if its
+        model pass raised, one whose results() raise that."""
+        try:
+            return self.predictor.start_batch(images)
+        except Exception as exc:
+            failed = Future()
+            failed.set_exception(exc)
+            return PendingBatch([failed], 0.0, time.perf_counter())
+
+    def start(self, images: list, tag: object = None) -> list[tuple[object, PendingBatch]]:
+        self._started.append((tag, self.start_now(images)))
+        ready = []
+        while self._started and (len(self._started) > self.in_flight or self._started[0][1].done()):
+            ready.append(self._started.popleft())
+        return ready
+
+    def drain(self) -> list[tuple[object, PendingBatch]]:
+        ready, self._started = list(self._started), deque()
+        return ready
