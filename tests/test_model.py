@@ -414,3 +414,15 @@ def test_batch_schedule_hands_back_batches_in_order_and_failures_when_collected(
     assert len(ready[2][1].results()) == 2
     assert schedule.drain() == []
     predictor.close()
+
+
+def test_batches_in_flight_setting_is_checked(monkeypatch):
+    from worker.predictor import batches_in_flight
+
+    assert batches_in_flight() == 1
+    monkeypatch.setenv("PANOPTIC_BATCHES_IN_FLIGHT", "3")
+    assert batches_in_flight() == 3
+    for bad in ("0", "two", ""):
+        monkeypatch.setenv("PANOPTIC_BATCHES_IN_FLIGHT", bad)
+        with pytest.raises(ValueError, match="PANOPTIC_BATCHES_IN_FLIGHT must be a positive integer"):
+            batches_in_flight()

@@ -34,6 +34,18 @@ AUTO_BATCH_SIZE = {"cuda": 16, "cpu": 1}
 POSTPROCESS_THREADS = max(8, os.cpu_count() or 1)
 
 
+def batches_in_flight() -> int:
+    """PANOPTIC_BATCHES_IN_FLIGHT: batches started ahead of the one being collected (default 1)."""
+    value = os.environ.get("PANOPTIC_BATCHES_IN_FLIGHT", "1")
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"PANOPTIC_BATCHES_IN_FLIGHT must be a positive integer, not {value!r}")
+    return count
+
+
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
     if value == "auto":
         return AUTO_BATCH_SIZE.get(device.type, 1)
@@ -77,6 +89,7 @@ class Predictor:
         self.config = config
         self.device = check_device(config.device, config.precision)
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
+        self.batches_in_flight = batches_in_flight()
         self.model = create_model(config.model, weights=config.weights).to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
@@ -221,13 +234,14 @@ class BatchSchedule:
     `start(images, tag)` starts a batch (`Predictor.start_batch`) and returns the batches ready to
     be collected, oldest first, as (tag, PendingBatch): on the CPU the batch itself (done in
     line); on CUDA the batch before it, whose postprocessing ran while this one was staged and
-    queued, so that `in_flight` batches stay started and the GPU always has the next one. A model
+    queued, so that `in_flight` batches (PANOPTIC_BATCHES_IN_FLIGHT, default 1) stay started and
+    the GPU always has the next one. A model
     pass that raises gives a batch whose results() raise the same, dealt with when it is collected
     (in order, like any other). `drain()` returns the batches still in flight."""
 
-    def __init__(self, predictor: Predictor, in_flight: int = 1):
+    def __init__(self, predictor: Predictor, in_flight: int | None = None):
         self.predictor = predictor
-        self.in_flight = in_flight
+        self.in_flight = in_flight if in_flight is not None else predictor.batches_in_flight
         self._started: deque[tuple[object, PendingBatch]] = deque()
 
     def start_now(self, images: list) -> PendingBatch:
