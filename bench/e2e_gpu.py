@@ -166,12 +166,12 @@ def count_pngs(folder: Path) -> int:
 
 
 def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights: str, threshold: float,
-            work: Path, tag: str, device: torch.device, in_flight: int = 1) -> dict:
+            work: Path, tag: str, device: torch.device, settings: dict[str, str] | None = None) -> dict:
     """One `panoptic-batch run` over `source` (n images) in a child process; its figures."""
     dest = work / f"out-{tag}"
     log_path = work / f"run-{tag}.log"
     env = {**os.environ, "PANOPTIC_DATABASE_URL": f"sqlite:///{work / f'jobs-{tag}.db'}",
-           "PANOPTIC_BATCHES_IN_FLIGHT": str(in_flight), "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", **(settings or {})}
     command = [sys.executable, "-c", RUN_ENTRY, "run", str(source), "--dest", str(dest),
                "--model", args.model, "--weights", weights, "--threshold", f"{threshold:.6f}",
                "--device", args.device, "--precision", precision, "--batch-size", str(batch_size),
@@ -303,8 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", type=int, default=128, help="the small job (its first images)")
     parser.add_argument("--unique", type=int, default=64, help="distinct images per size")
     parser.add_argument("--configs", default="fp32:16,tf32:16,bf16:16",
-                        help="precision:batch-size[:batches in flight], comma-separated (the third sets "
-                             "PANOPTIC_BATCHES_IN_FLIGHT for the runs; default 1)")
+                        help="precision:batch-size[:batches in flight[:postprocessing threads]], comma-"
+                             "separated (PANOPTIC_BATCHES_IN_FLIGHT, default 1; PANOPTIC_POSTPROCESS_THREADS, "
+                             "default 8)")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--seed-images", type=int, default=16)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed after")
@@ -317,8 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.threshold = 0.85
     configs = []
     for item in args.configs.split(","):
-        precision, batch, in_flight = (item.split(":") + ["16", "1"])[:3]
-        configs.append((precision, int(batch), int(in_flight)))
+        fields = item.split(":")
+        precision, batch, in_flight, threads = fields + ["16", "1", "8"][len(fields) - 1:]
+        configs.append((precision, int(batch), int(in_flight), int(threads)))
     device = torch.device(args.device)
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="e2e-gpu-"))
@@ -338,14 +340,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"({seed['images_per_s']:.1f} images/s, fp32, batch 1)", flush=True)
         rows = []
         save(args, device, threshold, kept, seed, rows, partial=True)
-        for precision, batch_size, in_flight in configs:
-            tag = f"{precision}-b{batch_size}" + (f"-f{in_flight}" if in_flight != 1 else "")
+        for precision, batch_size, in_flight, threads in configs:
+            tag = (f"{precision}-b{batch_size}" + (f"-f{in_flight}" if in_flight != 1 else "")
+                   + (f"-t{threads}" if threads != 8 else ""))
+            env = {"PANOPTIC_BATCHES_IN_FLIGHT": str(in_flight), "PANOPTIC_POSTPROCESS_THREADS": str(threads)}
             small = run_job(args, small_folder, args.small, precision, batch_size, weights, threshold, work,
-                            tag + "-small", device, in_flight)
+                            tag + "-small", device, env)
             big = run_job(args, work / "large", args.images, precision, batch_size, weights, threshold, work,
-                          tag + "-large", device, in_flight)
+                          tag + "-large", device, env)
             marginal = (args.images - args.small) / max(1e-9, big["seconds"] - small["seconds"])
             row = {"precision": precision, "batch_size": batch_size, "in_flight": in_flight,
+                   "postprocess_threads": threads,
                    "small": small, "large": big,
                    "marginal_images_per_s": marginal,
                    "startup_s": small["seconds"] - args.small / marginal,
@@ -360,16 +365,17 @@ def main(argv: list[str] | None = None) -> dict:
     report = save(args, device, threshold, kept, seed, rows, partial=False)
     print(f"\n{report['device']}, torch {torch.__version__}, {args.model} {args.min_size}/{args.max_size}, "
           f"{args.images} images (small job {args.small}), threshold {threshold:.3f}, commit {report['commit']}")
-    print("| precision | batch | in flight | marginal images/s | × seed | start-up s | first PNG s | GPU busy | GPU util mean "
+    print("| precision | batch | in flight | threads | marginal images/s | × seed | start-up s | first PNG s | GPU busy | GPU util mean "
           "| GPU memory MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         big = r["large"]
 
         def fmt(value, spec):
             return "n/a" if value is None else format(value, spec)
 
-        print(f"| {r['precision']} | {r['batch_size']} | {r['in_flight']} | {r['marginal_images_per_s']:.1f} | {r['vs_seed']:.1f} "
+        print(f"| {r['precision']} | {r['batch_size']} | {r['in_flight']} | {r['postprocess_threads']} "
+              f"| {r['marginal_images_per_s']:.1f} | {r['vs_seed']:.1f} "
               f"| {r['startup_s']:.1f} | {fmt(r['small']['first_output_s'], '.1f')} "
               f"| {fmt(big.get('gpu_busy_fraction'), '.0%')} | {fmt(big.get('gpu_util_mean'), '.0f')} "
               f"| {fmt(big.get('gpu_memory_peak_mib'), '.0f')} | {fmt(big.get('peak_rss_mib'), '.0f')} |")

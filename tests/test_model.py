@@ -416,13 +416,18 @@ def test_batch_schedule_hands_back_batches_in_order_and_failures_when_collected(
     predictor.close()
 
 
-def test_batches_in_flight_setting_is_checked(monkeypatch):
-    from worker.predictor import batches_in_flight
+def test_pipeline_settings_are_checked(monkeypatch):
+    from worker.predictor import batches_in_flight, postprocess_threads
 
-    assert batches_in_flight() == 1
+    monkeypatch.delenv("PANOPTIC_BATCHES_IN_FLIGHT", raising=False)
+    monkeypatch.delenv("PANOPTIC_POSTPROCESS_THREADS", raising=False)
+    assert (batches_in_flight(), postprocess_threads()) == (1, 8)
     monkeypatch.setenv("PANOPTIC_BATCHES_IN_FLIGHT", "3")
-    assert batches_in_flight() == 3
-    for bad in ("0", "two", ""):
-        monkeypatch.setenv("PANOPTIC_BATCHES_IN_FLIGHT", bad)
-        with pytest.raises(ValueError, match="PANOPTIC_BATCHES_IN_FLIGHT must be a positive integer"):
-            batches_in_flight()
+    monkeypatch.setenv("PANOPTIC_POSTPROCESS_THREADS", "16")
+    assert (batches_in_flight(), postprocess_threads()) == (3, 16)
+    for name, read in (("PANOPTIC_BATCHES_IN_FLIGHT", batches_in_flight),
+                       ("PANOPTIC_POSTPROCESS_THREADS", postprocess_threads)):
+        for bad in ("0", "two", ""):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+                read()

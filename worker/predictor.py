@@ -30,20 +30,30 @@ __all__ = ["Predictor", "PendingBatch", "BatchSchedule", "ModelConfig", "DEFAULT
 AUTO_BATCH_SIZE = {"cuda": 16, "cpu": 1}
 # Threads that postprocess a batch's images concurrently on CUDA, each on its own stream: the
 # per-image work is many small kernels, a few host syncs and the PNG encoding (zlib releases the
-# GIL), so one thread leaves the GPU mostly idle; one per core, at least 8.
-POSTPROCESS_THREADS = max(8, os.cpu_count() or 1)
+# GIL), so one thread leaves the GPU mostly idle. 8 is what was measured (BENCHMARKS.md); more
+# threads also contend for the GIL with the thread that launches the model's kernels, so one per
+# core (PANOPTIC_POSTPROCESS_THREADS) is for the GPU benchmark to A/B first.
+POSTPROCESS_THREADS = 8
 
 
-def batches_in_flight() -> int:
-    """PANOPTIC_BATCHES_IN_FLIGHT: batches started ahead of the one being collected (default 1)."""
-    value = os.environ.get("PANOPTIC_BATCHES_IN_FLIGHT", "1")
+def postprocess_threads() -> int:
+    return _positive_setting("PANOPTIC_POSTPROCESS_THREADS", POSTPROCESS_THREADS)
+
+
+def _positive_setting(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
     try:
         count = int(value)
     except ValueError:
         count = 0
     if count < 1:
-        raise ValueError(f"PANOPTIC_BATCHES_IN_FLIGHT must be a positive integer, not {value!r}")
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
     return count
+
+
+def batches_in_flight() -> int:
+    """PANOPTIC_BATCHES_IN_FLIGHT: batches started ahead of the one being collected (default 1)."""
+    return _positive_setting("PANOPTIC_BATCHES_IN_FLIGHT", 1)
 
 
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
@@ -90,6 +100,7 @@ class Predictor:
         self.device = check_device(config.device, config.precision)
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
         self.batches_in_flight = batches_in_flight()
+        threads = postprocess_threads()
         self.model = create_model(config.model, weights=config.weights).to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
@@ -103,7 +114,7 @@ class Predictor:
             # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
             # with each image size and each batch's count of kept queries. On an H200 with eight
             # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
-            self._postprocess_pool = ThreadPoolExecutor(POSTPROCESS_THREADS, thread_name_prefix="postprocess")
+            self._postprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="postprocess")
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
         """The layout of the model's activations: channels_last (the default, see above) or
