@@ -25,7 +25,7 @@ SITE="$PWD/.gpu-site"
         echo "no .whl/ carried: using the installed packages"
     fi
     export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    python3 -c 'import celery, sqlalchemy, alembic, boto3, click, rich, prometheus_client; import scheduler.cli, worker.pipeline, storage.jobs; print("imports ok")'
+    python3 -c 'import celery, sqlalchemy, alembic, boto3, click, rich, prometheus_client, zlib_ng.zlib_ng; import scheduler.cli, worker.pipeline, storage.jobs; print("imports ok")'
 } 2>&1 | tee "$OUT/install.log"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
