@@ -431,3 +431,27 @@ def test_pipeline_settings_are_checked(monkeypatch):
             monkeypatch.setenv(name, bad)
             with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
                 read()
+
+
+def test_cpu_results_time_the_model_and_the_postprocessing_apart(monkeypatch):
+    """Each result's model_ms and postprocess_ms (the JSON's timings, the worker's metrics) are
+    the two stages' own times: postprocessing in line on the CPU is not counted as model time."""
+    import time as clock
+
+    from worker import postprocess
+    from worker.predictor import ModelConfig, Predictor
+
+    slow = postprocess._postprocess_image
+
+    def slower(*args):
+        clock.sleep(0.3)
+        return slow(*args)
+
+    monkeypatch.setattr(postprocess, "_postprocess_image", slower)
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu"))
+    (result,) = predictor.predict_batch([image])
+    assert result["postprocess_ms"] >= 290 and result["model_ms"] > 0
+    predictor.close()

@@ -167,9 +167,9 @@ class Predictor:
         with self._autocast():
             outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
+        model_done = time.perf_counter()        # the CPU's model time (CUDA: see PendingBatch)
         futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],
                                     executor=self._postprocess_pool)
-        model_done = time.perf_counter()
         timing = None
         if started is not None:
             timing = (started, torch.cuda.Event(enable_timing=True))
