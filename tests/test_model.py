@@ -455,3 +455,32 @@ def test_cpu_results_time_the_model_and_the_postprocessing_apart(monkeypatch):
     (result,) = predictor.predict_batch([image])
     assert result["postprocess_ms"] >= 290 and result["model_ms"] > 0
     predictor.close()
+
+
+def test_batch_schedule_hands_back_its_oldest_batch_early():
+    """The worker frees a batch's decoded pixels early (pixel budget) by collecting the oldest
+    batch in flight before its turn: take_oldest hands it back once, whole."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.predictor import BatchSchedule, ModelConfig, Predictor
+
+    class HeldPool:
+        def __init__(self):
+            self.pool, self.release = ThreadPoolExecutor(2), threading.Event()
+
+        def submit(self, fn, *args):
+            return self.pool.submit(lambda: self.release.wait(60) and fn(*args))
+
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu", batch_size=2))
+    held = predictor._postprocess_pool = HeldPool()
+    schedule = BatchSchedule(predictor)
+    assert schedule.start(images, "x") == []                 # still being postprocessed
+    tag, pending = schedule.take_oldest()
+    assert tag == "x" and schedule.take_oldest() is None and schedule.drain() == []
+    held.release.set()
+    assert len(pending.results()) == 2
+    held.pool.shutdown()

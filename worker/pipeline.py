@@ -334,9 +334,9 @@ class ChunkProcessor:
             nonlocal running
             if batcher.held:
                 running = run(batcher.take_largest())
-            elif in_flight:
-                uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes,
-                                             recorder))
+            elif (oldest := chunk.schedule.take_oldest()) is not None:
+                good, pending = oldest
+                uploads.extend(self._collect(chunk, pending, good))
             else:
                 self._budget.wait_for_room(0.5)
 

@@ -272,6 +272,11 @@ class BatchSchedule:
             ready.append(self._started.popleft())
         return ready
 
+    def take_oldest(self) -> tuple[object, PendingBatch] | None:
+        """The oldest batch still in flight, handed back before its turn (e.g. to free memory its
+        images hold), or None."""
+        return self._started.popleft() if self._started else None
+
     def drain(self) -> list[tuple[object, PendingBatch]]:
         ready, self._started = list(self._started), deque()
         return ready
