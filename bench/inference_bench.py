@@ -15,9 +15,10 @@ On a GPU machine (the figures in BENCHMARKS.md):
         --precisions fp32,bf16 --batch-sizes 1,8,16,32 --json gpu.json
 
 - seed path: batch of one, fp32; ``model(images, mask)`` runs all 100 queries through the mask
-  head on the device; then ``bench.postprocess_bench.plain_postprocess`` on the CPU (per-image
-  postprocessing, per-query upsampling, PIL NEAREST resize of the id map, per-segment numpy
-  loops, PNG).
+  head on the device; then ``bench.postprocess_bench.plain_postprocess(on_device=True)``: the
+  reference's placement, per-query upsampling and the argmax on the device, then PIL NEAREST
+  resize of the id map, per-segment numpy loops and PNG on the host. (Before 2026-12-04 the
+  seed's postprocessing ran wholly on the CPU: a strawman on a GPU, see BENCHMARKS.md.)
 - ours: ``Predictor.predict`` at each precision and batch size: ``forward_kept`` (mask head only
   for the queries above the threshold), then ``postprocess_kept`` on the same device (PNG
   included; only the id map comes back to the host).
@@ -101,7 +102,9 @@ def seed_path(predictor: Predictor, seed_model, im, threshold: float) -> dict:
         size = processed_size(im.width, im.height, cfg.min_size, cfg.max_size)
         batch = pad_batch([image_tensor(im, size, predictor.device)])
         outputs = seed_model(batch.images, batch.padding_mask)
-        return plain_postprocess(outputs, [size], [(im.height, im.width)], threshold)[0]
+        # The reference's own placement: its postprocessing runs on the outputs' device (GPU) up
+        # to the id map (BENCHMARKS.md: earlier GPU ratios were against CPU postprocessing).
+        return plain_postprocess(outputs, [size], [(im.height, im.width)], threshold, on_device=True)[0]
 
 
 class SeedProcess:

@@ -29,10 +29,17 @@ from worker.output import id_to_rgb
 from worker.postprocess import MIN_AREA, panoptic_postprocess
 
 
-def plain_postprocess(outputs, processed_sizes, target_sizes, threshold=0.85):
-    """The same algorithm as worker.postprocess, written plainly (CPU, per image, per segment)."""
-    logits = outputs["pred_logits"].float().cpu()
-    masks_all = outputs["pred_masks"].float().cpu()
+def plain_postprocess(outputs, processed_sizes, target_sizes, threshold=0.85, on_device=False):
+    """The same algorithm as worker.postprocess, written plainly (per image, per segment).
+
+    on_device=False: everything on the CPU (all 100 queries' masks copied to the host first).
+    on_device=True: the placement of DETR's reference postprocessor, the honest seed baseline on a
+    GPU: scores, thresholds, upsampling and the argmax on the outputs' device; only the small id
+    map goes to the host, for the PIL resize, the per-segment loops and the PNG."""
+    logits = outputs["pred_logits"].float()
+    masks_all = outputs["pred_masks"].float()
+    if not on_device:
+        logits, masks_all = logits.cpu(), masks_all.cpu()
     results = []
     for b in range(logits.shape[0]):
         h, w = (int(v) for v in processed_sizes[b])
@@ -64,7 +71,7 @@ def plain_postprocess(outputs, processed_sizes, target_sizes, threshold=0.85):
                     if cat > 90:
                         stuff[cat] = s
                 seg_of[q] = s
-            winner = torch.stack([up[q] for q in active]).argmax(0).numpy()
+            winner = torch.stack([up[q] for q in active]).argmax(0).cpu().numpy()
             lut = np.array([seg_of[q] for q in active], np.int32)
             small_map = lut[winner]
             id_map = np.asarray(Image.fromarray(small_map).resize((W, H), Image.NEAREST)).astype(np.int32)

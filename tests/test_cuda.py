@@ -15,7 +15,8 @@ from bench.informative import save_informative_weights
 from bench.pipeline_bench import gradient_jpeg
 from worker.output import decode_id_png
 from worker.predictor import ModelConfig, Predictor
-from worker.preprocess import decode_image, image_tensor, pad_batch, processed_size
+from worker.preprocess import (PinnedStaging, RGBImage, decode_image, image_tensor, pad_batch, prepare_batch,
+                               processed_size)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -160,3 +161,86 @@ def test_gpu_memory_gauges():
     metrics.batch_done(1, torch.device(f"cuda:{torch.cuda.current_device()}"))
     assert sample("panoptic_gpu_memory_allocated_bytes") <= allocated - (256 << 20)
     assert sample("panoptic_gpu_memory_peak_bytes") == peak
+
+
+def test_batched_preprocessing_on_cuda_matches_the_cpu(images):
+    """prepare_batch on the GPU (pixels staged as uint8, resized per size group there) gives the
+    CPU's batch up to float rounding of the antialiased resize, and the same padding."""
+    sizes = [processed_size(im.width, im.height, SIZES["min_size"], SIZES["max_size"]) for im in images]
+    rgb = [RGBImage.from_pil(im) for im in images]
+    cpu = prepare_batch(rgb, sizes, torch.device("cpu"))
+    gpu = prepare_batch(rgb, sizes, torch.device("cuda"), PinnedStaging(torch.device("cuda")))
+    torch.testing.assert_close(gpu.images.cpu(), cpu.images, rtol=0, atol=1e-3)
+    assert torch.equal(gpu.padding_mask.cpu(), cpu.padding_mask) and gpu.sizes == cpu.sizes
+
+
+def test_pinned_staging_reuses_its_buffers():
+    """A page-locked buffer per slot, allocated once (and again only to grow), never one per image
+    or per batch; what arrives on the device is what was staged, even when a slot is rewritten
+    while earlier batches' copies may still be queued."""
+    device = torch.device("cuda")
+    staging = PinnedStaging(device, count=2)
+    rng = np.random.default_rng(5)
+    batches = [[torch.from_numpy(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(4)]
+               for _ in range(6)]
+    on_device = [staging.to_device(batch) for batch in batches]
+    assert staging.allocations == 2
+    assert all(b is not None and b.is_pinned() for b in staging._buffers)
+    torch.cuda.synchronize()
+    # Each batch's device copy was made before its slot was written again: results are intact.
+    for batch, moved in zip(batches, on_device):
+        for host, dev in zip(batch, moved):
+            assert torch.equal(dev.cpu(), host)
+    staging.to_device([torch.zeros((200, 300, 3), dtype=torch.uint8)])     # larger: grows its slot
+    assert staging.allocations == 3
+
+
+def test_start_batch_synchronises_once_per_batch_not_per_image(weights_file, images):
+    """The model thread's host round trips (the kept-query count) do not grow with the batch:
+    no per-image sync, no whole-stream sync after a batch (counted with PyTorch's sync debug
+    mode while the postprocessing waits, so that only the model thread's calls count)."""
+    import threading
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    class HeldPool:
+        def __init__(self):
+            self.pool, self.release = ThreadPoolExecutor(2), threading.Event()
+
+        def submit(self, fn, *args):
+            return self.pool.submit(lambda: self.release.wait(60) and fn(*args))
+
+    p = predictor(weights_file, "cuda", batch_size=3)
+    same_size = [images[0], images[2], images[0]]
+    p.predict(same_size)                                  # warm-up: cached constants, cuDNN plans
+    counts = {}
+    for n in (1, 3):
+        held = p._postprocess_pool = HeldPool()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pending = p.start_batch(same_size[:n])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[n] = sum("synchroniz" in str(w.message) for w in caught)
+        held.release.set()
+        results = pending.results()
+        assert len(results) == n and all(r["model_ms"] > 0 for r in results)
+        held.pool.shutdown()
+    print(f"synchronising calls in start_batch: {counts}")
+    assert counts[1] == counts[3]
+
+
+def test_model_time_comes_from_cuda_events(weights_file, images):
+    """On CUDA the batch's model time is the device time between two events (the model thread
+    no longer waits for the model), and the results are those of the serial path."""
+    p = predictor(weights_file, "cuda", batch_size=3)
+    pending = p.start_batch(images)
+    assert pending._device_timing is not None
+    results = pending.results()
+    assert all(r["model_ms"] > 0 and r["postprocess_ms"] >= 0 for r in results)
+    p._postprocess_pool = None
+    serial = p.predict_batch(images)
+    for r, s in zip(results, serial):
+        assert np.array_equal(r["id_map"], s["id_map"]) and r["segments_info"] == s["segments_info"]

@@ -385,3 +385,102 @@ def test_the_next_batch_starts_while_the_previous_one_is_postprocessed():
     assert [len(r) for r in predictor.predict_batches([images[:2], images[2:3], images[3:]])] == [2, 1, 1]
     held.pool.shutdown()
     predictor.close()
+
+
+def test_batch_schedule_hands_back_batches_in_order_and_failures_when_collected():
+    """The one batch schedule (worker, run, predict, benchmarks): with a pool, a batch is handed
+    back only once the next one has started; a batch whose model pass raised comes back in its
+    turn, its results raising that error, and does not stop the batches after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.predictor import BatchSchedule, ModelConfig, Predictor
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu", batch_size=2))
+    expected = predictor.predict_batch(images[:1])
+    schedule = BatchSchedule(predictor)
+    assert [tag for tag, _ in schedule.start(images[:1], "a")] == ["a"]      # CPU: done in line
+    predictor._postprocess_pool = ThreadPoolExecutor(2)
+    ready = schedule.start(images[:1], "b")
+    ready += schedule.start([], "broken")             # an empty batch: the model pass raises
+    ready += schedule.start(images[1:], "c")
+    ready += schedule.drain()
+    assert [tag for tag, _ in ready] == ["b", "broken", "c"]
+    assert [r["segments_info"] for r in ready[0][1].results()] == [r["segments_info"] for r in expected]
+    with pytest.raises(Exception):
+        ready[1][1].results()
+    assert len(ready[2][1].results()) == 2
+    assert schedule.drain() == []
+    predictor.close()
+
+
+def test_pipeline_settings_are_checked(monkeypatch):
+    from worker.predictor import batches_in_flight, postprocess_threads
+
+    monkeypatch.delenv("PANOPTIC_BATCHES_IN_FLIGHT", raising=False)
+    monkeypatch.delenv("PANOPTIC_POSTPROCESS_THREADS", raising=False)
+    assert (batches_in_flight(), postprocess_threads()) == (1, 8)
+    monkeypatch.setenv("PANOPTIC_BATCHES_IN_FLIGHT", "3")
+    monkeypatch.setenv("PANOPTIC_POSTPROCESS_THREADS", "16")
+    assert (batches_in_flight(), postprocess_threads()) == (3, 16)
+    for name, read in (("PANOPTIC_BATCHES_IN_FLIGHT", batches_in_flight),
+                       ("PANOPTIC_POSTPROCESS_THREADS", postprocess_threads)):
+        for bad in ("0", "two", ""):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+                read()
+
+
+def test_cpu_results_time_the_model_and_the_postprocessing_apart(monkeypatch):
+    """Each result's model_ms and postprocess_ms (the JSON's timings, the worker's metrics) are
+    the two stages' own times: postprocessing in line on the CPU is not counted as model time."""
+    import time as clock
+
+    from worker import postprocess
+    from worker.predictor import ModelConfig, Predictor
+
+    slow = postprocess._postprocess_image
+
+    def slower(*args):
+        clock.sleep(0.3)
+        return slow(*args)
+
+    monkeypatch.setattr(postprocess, "_postprocess_image", slower)
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu"))
+    (result,) = predictor.predict_batch([image])
+    assert result["postprocess_ms"] >= 290 and result["model_ms"] > 0
+    predictor.close()
+
+
+def test_batch_schedule_hands_back_its_oldest_batch_early():
+    """The worker frees a batch's decoded pixels early (pixel budget) by collecting the oldest
+    batch in flight before its turn: take_oldest hands it back once, whole."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.predictor import BatchSchedule, ModelConfig, Predictor
+
+    class HeldPool:
+        def __init__(self):
+            self.pool, self.release = ThreadPoolExecutor(2), threading.Event()
+
+        def submit(self, fn, *args):
+            return self.pool.submit(lambda: self.release.wait(60) and fn(*args))
+
+    rng = np.random.default_rng(4)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    predictor = Predictor(ModelConfig(model="detr-r50", weights="random", threshold=0.0, min_size=64,
+                                      max_size=96, device="cpu", batch_size=2))
+    held = predictor._postprocess_pool = HeldPool()
+    schedule = BatchSchedule(predictor)
+    assert schedule.start(images, "x") == []                 # still being postprocessed
+    tag, pending = schedule.take_oldest()
+    assert tag == "x" and schedule.take_oldest() is None and schedule.drain() == []
+    held.release.set()
+    assert len(pending.results()) == 2
+    held.pool.shutdown()

@@ -111,3 +111,33 @@ def test_pad_batch_zero_pads_and_masks():
     assert torch.equal(batch.images[1, :, :5, :3], b) and batch.images[1, :, :, 3:].abs().sum() == 0
     assert batch.padding_mask[0].sum() == 5 * 6 - 4 * 6 and not batch.padding_mask[0, :4, :6].any()
     assert batch.padding_mask[1].sum() == 5 * 6 - 5 * 3 and not batch.padding_mask[1, :5, :3].any()
+
+
+@pytest.mark.parametrize("min_size,max_size", [(800, 1333), (96, 160), (480, 640)])
+def test_batched_preprocessing_equals_the_per_image_path_bit_for_bit(min_size, max_size):
+    """prepare_batch resizes and normalises the images that share a size in one op; on the CPU the
+    batch is exactly the per-image tensors padded together (what the model saw before)."""
+    from worker.preprocess import RGBImage, prepare_batch
+
+    rng = np.random.default_rng(3)
+    shapes = [(640, 480), (640, 480), (480, 640), (640, 480), (500, 375), (33, 17), (480, 640)]
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in shapes]
+    sizes = [processed_size(im.width, im.height, min_size, max_size) for im in images]
+    for chosen in ([0, 1, 3], [0], list(range(len(images))), [2, 6, 0]):
+        expected = pad_batch([image_tensor(images[i], sizes[i]) for i in chosen])
+        # PIL images and RGBImages (what the worker's download threads make) alike.
+        given = [RGBImage.from_pil(images[i]) if i % 2 else images[i] for i in chosen]
+        batch = prepare_batch(given, [sizes[i] for i in chosen], torch.device("cpu"))
+        assert torch.equal(batch.images, expected.images)
+        assert torch.equal(batch.padding_mask, expected.padding_mask)
+        assert batch.sizes == expected.sizes
+
+
+def test_rgb_image_keeps_the_decoded_pixels_and_size():
+    from worker.preprocess import RGBImage
+
+    image = decode_image(encode(Image.new("RGB", (30, 20), (10, 200, 30)), "PNG"))
+    rgb = RGBImage.from_pil(image)
+    assert (rgb.width, rgb.height, rgb.size) == (30, 20, (30, 20))
+    assert rgb.pixels.dtype == torch.uint8 and rgb.pixels.shape == (20, 30, 3)
+    assert np.array_equal(np.asarray(rgb.pil()), np.asarray(image))

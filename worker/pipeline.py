@@ -5,8 +5,8 @@ mode both call `ChunkProcessor.process`. Effects are exactly-once through the da
 image is claimed with a lease and a fencing token, results are written under deterministic keys,
 and a result is recorded only while the claim still holds (see storage.jobs).
 
-Downloads and decoding of a batch run in threads while the model works on the previous batch;
-PNG/JSON uploads and result records run in threads while the model works on the next one.
+Downloads and decoding (to uint8 tensors) of a batch run in threads while the model works on the
+previous batch; the model thread only stages, resizes and normalises whole batches. PNG/JSON uploads and result records run in threads while the model works on the next one.
 SQL: a chunk's claims in one transaction, its results a batch per transaction (RECORD_BATCH).
 """
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import torch
-from PIL import Image
 
 from storage import objects
 from storage.fenced import ClaimLost, publish
@@ -37,8 +36,8 @@ from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
 from .overlay import write_overlay
-from .predictor import ModelConfig, PendingBatch, Predictor
-from .preprocess import check_bytes, decode_image
+from .predictor import BatchSchedule, ModelConfig, PendingBatch, Predictor
+from .preprocess import RGBImage, check_bytes, decode_image
 from .text import printable
 
 log = logging.getLogger(__name__)
@@ -115,11 +114,24 @@ class _Decoded:
     image_id: int
     key: str
     uri: str
-    image: Image.Image | None
+    image: RGBImage | None       # decoded to a uint8 tensor here, in the download threads
     error: str | None
     decode_ms: float
     # Downloaded, not decoded: no room in the pixel budget yet. (data, pixels, the ClaimedImage)
     parked: tuple | None = None
+
+
+@dataclass
+class _ChunkRun:
+    """What the batch steps of one chunk share: its job, model, io pool, claim and bookkeeping."""
+    job: object
+    predictor: Predictor
+    pool: ThreadPoolExecutor
+    token: str
+    leases: _LeaseKeeper
+    outcomes: list[ImageOutcome]
+    recorder: _Recorder
+    schedule: BatchSchedule
 
 
 class _LeaseKeeper:
@@ -297,7 +309,7 @@ class ChunkProcessor:
         fetching: set[Future] = set()
         uploads: list[Future] = []
         done: set[int] = set()
-        in_flight: list = []        # the batch whose postprocessing runs while the next one's model does
+        chunk = _ChunkRun(job, predictor, pool, token, leases, outcomes, recorder, BatchSchedule(predictor))
 
         def top_up() -> bool:
             """Start downloads while the window has room; False once all have started."""
@@ -312,7 +324,7 @@ class ChunkProcessor:
         def run(batch: list[_Decoded]) -> bool:
             if self._stopping(self.store.job(job.id).state):
                 return False
-            uploads.extend(self._run_batch(pool, job, predictor, batch, token, leases, outcomes, recorder, in_flight))
+            uploads.extend(self._run_batch(chunk, batch))
             done.update(d.image_id for d in batch)
             return True
 
@@ -322,9 +334,9 @@ class ChunkProcessor:
             nonlocal running
             if batcher.held:
                 running = run(batcher.take_largest())
-            elif in_flight:
-                uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes,
-                                             recorder))
+            elif (oldest := chunk.schedule.take_oldest()) is not None:
+                good, pending = oldest
+                uploads.extend(self._collect(chunk, pending, good))
             else:
                 self._budget.wait_for_room(0.5)
 
@@ -356,8 +368,8 @@ class ChunkProcessor:
             for batch in batcher.flush():
                 if not (running := run(batch)):
                     break
-        while in_flight:
-            uploads.extend(self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder))
+        for good, pending in chunk.schedule.drain():
+            uploads.extend(self._collect(chunk, pending, good))
         if not running:                 # cancelled: hand back what was not processed
             for future in fetching:
                 future.cancel()
@@ -414,7 +426,7 @@ class ChunkProcessor:
             if not self._budget.try_acquire(image.id, pixels):       # decoded later, when there is room
                 return _Decoded(image.id, image.key, image.uri, None, None, (time.perf_counter() - start) * 1e3,
                                 parked=(data, pixels, image))
-            decoded = decode_image(data, max_pixels, max_bytes)
+            decoded = RGBImage.from_pil(decode_image(data, max_pixels, max_bytes))
             error = None
         except Exception as exc:            # a bad image fails alone, with its reason
             decoded, error = None, f"{type(exc).__name__}: {exc}"
@@ -425,7 +437,7 @@ class ChunkProcessor:
         start = time.perf_counter()
         data, _, _ = parked.parked
         try:
-            decoded, error = decode_image(data, max_pixels, max_bytes), None
+            decoded, error = RGBImage.from_pil(decode_image(data, max_pixels, max_bytes)), None
         except Exception as exc:
             decoded, error = None, f"{type(exc).__name__}: {exc}"
         return _Decoded(parked.image_id, parked.key, parked.uri, decoded, error,
@@ -439,34 +451,21 @@ class ChunkProcessor:
         leases.drop(image_id)
         return ImageOutcome(image_id, False, error)
 
-    def _run_batch(self, pool, job, predictor, decoded, token, leases, outcomes, recorder, in_flight: list) -> list[Future]:
-        """Start the model on a batch, then collect the batch started before it (its postprocessing
-        ran meanwhile: on CUDA in threads, beside this batch's model) and hand its results to
-        uploads. Returns the uploads started."""
+    def _run_batch(self, chunk: _ChunkRun, decoded: list[_Decoded]) -> list[Future]:
+        """Start the model on a batch (`BatchSchedule`), collect the batches the schedule hands
+        back (on CUDA the one started before: its postprocessing ran beside this one's model) and
+        start their uploads. Returns the uploads started."""
         good = [d for d in decoded if d is not None and d.image is not None]
         for d in decoded:
             if d is not None and d.image is None:
-                outcomes.append(self._fail(d.image_id, token, leases, d.error, d.key))
-        if good:
-            in_flight.append((self._start(predictor, good), good))
+                chunk.outcomes.append(self._fail(d.image_id, chunk.token, chunk.leases, d.error, d.key))
         futures = []
-        # Keep in flight only a batch still being postprocessed (CUDA), and only the newest.
-        while in_flight and (len(in_flight) > 1 or in_flight[0][0].done()):
-            futures += self._collect(pool, job, predictor, *in_flight.pop(0), token, leases, outcomes, recorder)
+        if good:
+            for started, pending in chunk.schedule.start([d.image for d in good], good):
+                futures += self._collect(chunk, pending, started)
         return futures
 
-    @staticmethod
-    def _start(predictor, good) -> PendingBatch:
-        """The batch's PendingBatch; if its model pass raised, one whose results() raises that
-        (dealt with when collected, like a failure in postprocessing)."""
-        try:
-            return predictor.start_batch([d.image for d in good])
-        except Exception as exc:
-            failed = Future()
-            failed.set_exception(exc)
-            return PendingBatch([failed], 0.0, time.perf_counter())
-
-    def _collect(self, pool, job, predictor, pending, good, token, leases, outcomes, recorder) -> list[Future]:
+    def _collect(self, chunk: _ChunkRun, pending: PendingBatch, good: list[_Decoded]) -> list[Future]:
         try:
             results = pending.results()
         except Exception as exc:
@@ -475,16 +474,16 @@ class ChunkProcessor:
             # Rare (e.g. out of memory on one huge image): retry the batch one image at a time
             # so that only the image that cannot be processed fails.
             if len(good) == 1:
-                outcomes.append(self._fail(good[0].image_id, token, leases, f"{type(exc).__name__}: {exc}",
-                                           good[0].key))
+                chunk.outcomes.append(self._fail(good[0].image_id, chunk.token, chunk.leases,
+                                                 f"{type(exc).__name__}: {exc}", good[0].key))
                 return []
             log.warning("batch failed (%s); retrying its images one by one", exc)
-            return [future for d in good for future in
-                    self._collect(pool, job, predictor, self._start(predictor, [d]), [d], token, leases, outcomes,
-                                  recorder)]
-        metrics.batch_done(len(good), predictor.device)
-        recorder.expect(len(good))
-        return [pool.submit(self._upload, job, predictor, d, r, token, leases, recorder)
+            return [future for d in good
+                    for future in self._collect(chunk, chunk.schedule.start_now([d.image]), [d])]
+        metrics.batch_done(len(good), chunk.predictor.device)
+        chunk.recorder.expect(len(good))
+        return [chunk.pool.submit(self._upload, chunk.job, chunk.predictor, d, r, chunk.token, chunk.leases,
+                                  chunk.recorder)
                 for d, r in zip(good, results)]
 
     def _upload(self, job, predictor, d: _Decoded, result, token, leases, recorder: _Recorder) -> ImageOutcome:
@@ -533,6 +532,6 @@ class ChunkProcessor:
         # image, and its rendering does not count as upload time.
         try:
             if job.config.get("overlays") and recorded:
-                write_overlay(job.dest, stem, d.image, result["id_map"], result["segments_info"])
+                write_overlay(job.dest, stem, d.image.pil(), result["id_map"], result["segments_info"])
         finally:
             self._budget.release(d.image_id)        # its pixels are no longer needed

@@ -431,8 +431,16 @@ def _pair(size) -> tuple[int, int]:
 _side_streams = threading.local()
 
 
+def _postprocess_job(masks: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor,
+                     processed: tuple[int, int], target: tuple[int, int]) -> dict:
+    """One image's result from its kept masks and its queries' [Q] labels, scores and keep flags
+    (read to the host here, in the thread that postprocesses the image, not by the caller)."""
+    kept = keep.nonzero().flatten()
+    return _postprocess_image(masks, labels[kept].tolist(), scores[kept].tolist(), processed, target)
+
+
 def _on_side_stream(ready: torch.cuda.Event, *args) -> dict:
-    """`_postprocess_image` on this thread's own CUDA stream, after the `ready` event.
+    """`_postprocess_job` on this thread's own CUDA stream, after the `ready` event.
 
     Returns only after copying the id map to the host (which waits for this stream), so the
     caller's tensors are no longer in use once the result is back."""
@@ -442,12 +450,12 @@ def _on_side_stream(ready: torch.cuda.Event, *args) -> dict:
         stream = _side_streams.stream = torch.cuda.Stream(device)
     stream.wait_event(ready)
     with torch.inference_mode(), torch.cuda.stream(stream):  # both are per thread
-        return _postprocess_image(*args)
+        return _postprocess_job(*args)
 
 
 def _in_thread(*args) -> dict:
     with torch.inference_mode():        # per thread
-        return _postprocess_image(*args)
+        return _postprocess_job(*args)
 
 
 @torch.inference_mode()
@@ -456,7 +464,8 @@ def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, 
     """Results from the pruned model pass (`model.forward_kept`).
 
     outputs_kept: {"pred_logits" [B,Q,C+1], "keep" [B,Q] bool, "kept_masks" [K,H',W'] for the kept
-    queries in (image, query) order, ...}; processed_sizes / target_sizes: B pairs (h, w).
+    queries in (image, query) order, optionally "kept_counts" [B] on the host, ...};
+    processed_sizes / target_sizes: B pairs (h, w).
     Returns per image {"id_map": int32 [H, W] (0 = VOID), "png": bytes, "segments_info": [...]}.
     With an `executor` (threads), images are postprocessed concurrently (with CUDA tensors each
     thread on its own CUDA stream); results are the same.
@@ -474,12 +483,14 @@ def start_postprocess(outputs_kept: Mapping[str, torch.Tensor], processed_sizes,
     batch = logits.shape[0]
     if len(processed_sizes) != batch or len(target_sizes) != batch:
         raise ValueError(f"{batch} images but {len(processed_sizes)} processed and {len(target_sizes)} target sizes")
+    # No host round trip here on CUDA: the model thread goes on to the next batch while these
+    # kernels run; each image's thread reads its own labels and scores (`_postprocess_job`).
     scores, labels = logits.float().softmax(-1).max(-1)
     keep = keep.to(torch.bool)
-    kept_scores, kept_labels = scores[keep].tolist(), labels[keep].tolist()
-    counts = keep.sum(1).tolist()
-    if masks.shape[0] != len(kept_labels):
-        raise ValueError(f"{masks.shape[0]} kept masks for {len(kept_labels)} kept queries")
+    counts = outputs_kept["kept_counts"] if "kept_counts" in outputs_kept else keep.sum(1)
+    counts = counts.tolist()
+    if masks.shape[0] != sum(counts):
+        raise ValueError(f"{masks.shape[0]} kept masks for {sum(counts)} kept queries")
     jobs = []
     start = 0
     for b in range(batch):
@@ -488,10 +499,10 @@ def start_postprocess(outputs_kept: Mapping[str, torch.Tensor], processed_sizes,
         H, W = _pair(target_sizes[b])
         h4, w4 = math.ceil(h / MASK_STRIDE), math.ceil(w / MASK_STRIDE)
         image_masks = masks[start:start + n, :h4, :w4].float().contiguous()
-        jobs.append((image_masks, kept_labels[start:start + n], kept_scores[start:start + n], (h, w), (H, W)))
+        jobs.append((image_masks, labels[b], scores[b], keep[b], (h, w), (H, W)))
         start += n
     if executor is None:
-        return [_done(_postprocess_image(*job)) for job in jobs]
+        return [_done(_postprocess_job(*job)) for job in jobs]
     if masks.device.type != "cuda":
         return [executor.submit(_in_thread, *job) for job in jobs]
     ready = torch.cuda.Event()

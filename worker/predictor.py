@@ -7,7 +7,9 @@ results in batches: preprocess → DETR (mask head pruned to confident queries) 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,9 +19,9 @@ from PIL import Image
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
 from .model import create_model
 from .postprocess import start_postprocess
-from .preprocess import image_tensor, pad_batch, processed_size
+from .preprocess import PinnedStaging, RGBImage, prepare_batch, processed_size
 
-__all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device",
+__all__ = ["Predictor", "PendingBatch", "BatchSchedule", "ModelConfig", "DEFAULT_THRESHOLD", "PRECISIONS", "check_device",
            "resolve_device", "resolve_batch_size"]
 
 # Batch size for batch_size="auto", per device type. CUDA: on an H200 with R101, 16 was faster
@@ -27,9 +29,31 @@ __all__ = ["Predictor", "PendingBatch", "ModelConfig", "DEFAULT_THRESHOLD", "PRE
 # 13.9 GiB); CPU: batching gains little there and padding costs (BENCHMARKS.md).
 AUTO_BATCH_SIZE = {"cuda": 16, "cpu": 1}
 # Threads that postprocess a batch's images concurrently on CUDA, each on its own stream: the
-# per-image work is many small kernels, a few host syncs and the PNG encoding, so one thread
-# leaves the GPU mostly idle.
+# per-image work is many small kernels, a few host syncs and the PNG encoding (zlib releases the
+# GIL), so one thread leaves the GPU mostly idle. 8 is what was measured (BENCHMARKS.md); more
+# threads also contend for the GIL with the thread that launches the model's kernels, so one per
+# core (PANOPTIC_POSTPROCESS_THREADS) is for the GPU benchmark to A/B first.
 POSTPROCESS_THREADS = 8
+
+
+def postprocess_threads() -> int:
+    return _positive_setting("PANOPTIC_POSTPROCESS_THREADS", POSTPROCESS_THREADS)
+
+
+def _positive_setting(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return count
+
+
+def batches_in_flight() -> int:
+    """PANOPTIC_BATCHES_IN_FLIGHT: batches started ahead of the one being collected (default 1)."""
+    return _positive_setting("PANOPTIC_BATCHES_IN_FLIGHT", 1)
 
 
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
@@ -75,6 +99,8 @@ class Predictor:
         self.config = config
         self.device = check_device(config.device, config.precision)
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
+        self.batches_in_flight = batches_in_flight()
+        threads = postprocess_threads()
         self.model = create_model(config.model, weights=config.weights).to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
@@ -82,11 +108,13 @@ class Predictor:
         self.model.detr.backbone[0].body.fold_batchnorm()
         self.set_memory_format(torch.channels_last)
         self._postprocess_pool = None
+        self._staging = None
         if self.device.type == "cuda":
+            self._staging = PinnedStaging(self.device)
             # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
             # with each image size and each batch's count of kept queries. On an H200 with eight
             # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
-            self._postprocess_pool = ThreadPoolExecutor(POSTPROCESS_THREADS, thread_name_prefix="postprocess")
+            self._postprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="postprocess")
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
         """The layout of the model's activations: channels_last (the default, see above) or
@@ -119,45 +147,50 @@ class Predictor:
         return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype))
 
     @torch.inference_mode()
-    def start_batch(self, images: list[Image.Image]) -> PendingBatch:
-        """Run the model on RGB images (any sizes) and start their postprocessing; returns once
-        the model pass is done. On CUDA the postprocessing goes on in threads (on streams of
-        their own) while the caller starts the next batch: the GPU then runs one batch's model
-        while the CPU finishes the one before. `PendingBatch.results()` waits for it."""
+    def start_batch(self, images: list[Image.Image | RGBImage]) -> PendingBatch:
+        """Run the model on RGB images (any sizes) and start their postprocessing.
+
+        On the CPU, returns with the batch done. On CUDA, returns once the batch's work is queued
+        on the device: the only wait is for the kept-query count (`forward_kept`); the
+        postprocessing threads (on streams of their own) wait for the model's CUDA event, while
+        the caller stages and queues the next batch, so that the GPU always has work.
+        `PendingBatch.results()` waits for the results."""
         cfg = self.config
         start = time.perf_counter()
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(torch.cuda.current_stream(self.device))
         sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
-        batch = pad_batch([image_tensor(im, size, self.device) for im, size in zip(images, sizes)])
+        batch = prepare_batch(images, sizes, self.device, self._staging)
         pixels = batch.images.contiguous(memory_format=self._memory_format)
         with self._autocast():
             outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
-        if self.device.type == "cuda":
-            # This stream only: the previous batch's postprocessing may still run on others.
-            torch.cuda.current_stream(self.device).synchronize()
-        model_done = time.perf_counter()
+        model_done = time.perf_counter()        # the CPU's model time (CUDA: see PendingBatch)
         futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],
                                     executor=self._postprocess_pool)
-        return PendingBatch(futures, (model_done - start) * 1e3 / len(images), model_done)
+        timing = None
+        if started is not None:
+            timing = (started, torch.cuda.Event(enable_timing=True))
+            timing[1].record(torch.cuda.current_stream(self.device))
+        return PendingBatch(futures, (model_done - start) * 1e3 / len(images), start if timing else model_done,
+                            timing)
 
     def predict_batch(self, images: list[Image.Image]) -> list[dict]:
         """RGB images (any sizes) → one postprocessed result each ({id_map, png, segments_info}),
         with the batch's per-image share of model and postprocessing time (model_ms, postprocess_ms)."""
         return self.start_batch(images).results()
 
-    def predict_batches(self, batches: Iterable[list[Image.Image]]) -> Iterator[list[dict]]:
-        """`predict_batch` for each batch, in order, each batch's model pass started before the
-        previous batch's results are collected (see `start_batch`)."""
-        pending = None
+    def predict_batches(self, batches: Iterable[list[Image.Image | RGBImage]]) -> Iterator[list[dict]]:
+        """`predict_batch` for each batch, in order, through the one batch schedule
+        (`BatchSchedule`): on CUDA each batch's model is queued before the previous batch's
+        results are collected."""
+        schedule = BatchSchedule(self)
         for images in batches:
-            started = self.start_batch(images)
-            if pending is not None:
+            for _, pending in schedule.start(images):
                 yield pending.results()
-            pending = started
-            if pending.done():          # postprocessed in line (CPU): nothing to overlap
-                yield pending.results()
-                pending = None
-        if pending is not None:
+        for _, pending in schedule.drain():
             yield pending.results()
 
     def predict(self, images: list[Image.Image]) -> list[dict]:
@@ -167,12 +200,15 @@ class Predictor:
 
 
 class PendingBatch:
-    """A batch whose model pass is done and whose postprocessing may still be running."""
+    """A batch whose model pass is done (CPU) or queued (CUDA) and whose postprocessing may still
+    be running."""
 
-    def __init__(self, futures: list[Future], model_ms: float, postprocess_started: float):
+    def __init__(self, futures: list[Future], model_ms: float, postprocess_started: float,
+                 device_timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None):
         self._futures = futures
         self._model_ms = model_ms                  # per image
         self._started = postprocess_started
+        self._device_timing = device_timing        # CUDA: events around the batch's device work
         self._finished = [postprocess_started]     # appended to by the threads that finish images
         for future in futures:
             # Runs in the finishing thread, or at once for a future already done.
@@ -183,11 +219,64 @@ class PendingBatch:
         return all(future.done() for future in self._futures)
 
     def results(self) -> list[dict]:
-        """Each image's result, with model_ms and postprocess_ms: the batch's model time and the
-        wall time of its postprocessing (until its last image was done), per image."""
+        """Each image's result, with model_ms and postprocess_ms per image: the batch's model time
+        and the wall time of its postprocessing (until its last image was done). On CUDA the model
+        time is the device's (staging, preprocessing and model, between two CUDA events) and the
+        postprocessing time the rest of the batch's wall time from its start."""
         results = [future.result() for future in self._futures]
-        postprocess_ms = (max(self._finished) - self._started) * 1e3 / max(1, len(results))
+        n = max(1, len(results))
+        wall_ms = (max(self._finished) - self._started) * 1e3
+        model_ms = self._model_ms
+        if self._device_timing is not None:
+            first, last = self._device_timing
+            last.synchronize()
+            model_ms = first.elapsed_time(last) / n
+            wall_ms = max(0.0, wall_ms - model_ms * n)
         for result in results:
-            result["model_ms"] = self._model_ms
-            result["postprocess_ms"] = postprocess_ms
+            result["model_ms"] = model_ms
+            result["postprocess_ms"] = wall_ms / n
         return results
+
+
+class BatchSchedule:
+    """The one place where batches are started and collected: the worker (worker.pipeline),
+    `predict`, `run` and the benchmarks all go through it.
+
+    `start(images, tag)` starts a batch (`Predictor.start_batch`) and returns the batches ready to
+    be collected, oldest first, as (tag, PendingBatch): on the CPU the batch itself (done in
+    line); on CUDA the batch before it, whose postprocessing ran while this one was staged and
+    queued, so that `in_flight` batches (PANOPTIC_BATCHES_IN_FLIGHT, default 1) stay started and
+    the GPU always has the next one. A model
+    pass that raises gives a batch whose results() raise the same, dealt with when it is collected
+    (in order, like any other). `drain()` returns the batches still in flight."""
+
+    def __init__(self, predictor: Predictor, in_flight: int | None = None):
+        self.predictor = predictor
+        self.in_flight = in_flight if in_flight is not None else predictor.batches_in_flight
+        self._started: deque[tuple[object, PendingBatch]] = deque()
+
+    def start_now(self, images: list) -> PendingBatch:
+        """The batch's PendingBatch, outside the schedule (e.g. an image retried alone); if its
+        model pass raised, one whose results() raise that."""
+        try:
+            return self.predictor.start_batch(images)
+        except Exception as exc:
+            failed = Future()
+            failed.set_exception(exc)
+            return PendingBatch([failed], 0.0, time.perf_counter())
+
+    def start(self, images: list, tag: object = None) -> list[tuple[object, PendingBatch]]:
+        self._started.append((tag, self.start_now(images)))
+        ready = []
+        while self._started and (len(self._started) > self.in_flight or self._started[0][1].done()):
+            ready.append(self._started.popleft())
+        return ready
+
+    def take_oldest(self) -> tuple[object, PendingBatch] | None:
+        """The oldest batch still in flight, handed back before its turn (e.g. to free memory its
+        images hold), or None."""
+        return self._started.popleft() if self._started else None
+
+    def drain(self) -> list[tuple[object, PendingBatch]]:
+        ready, self._started = list(self._started), deque()
+        return ready

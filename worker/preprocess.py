@@ -7,6 +7,7 @@ at most `max_size` (DETR's evaluation rule), bilinear with antialiasing, then Im
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -132,20 +133,78 @@ def processed_size(width: int, height: int, min_size: int = DEFAULT_MIN_SIZE,
     return size, int(size * width / height)
 
 
-def image_tensor(image: Image.Image, size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+class RGBImage:
+    """A decoded image as a uint8 [h, w, 3] tensor, made off the model thread (by the worker's
+    download threads) so that the model thread only stages, resizes and normalises batches.
+
+    Quacks like the PIL image it came from where the worker looks (width, height, size);
+    `pil()` gives a PIL image again (a copy; only overlays need one)."""
+
+    __slots__ = ("pixels",)
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    @classmethod
+    def from_pil(cls, image: Image.Image) -> RGBImage:
+        return cls(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()))
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as PIL's Image.size."""
+        return self.width, self.height
+
+    def pil(self) -> Image.Image:
+        return Image.fromarray(self.pixels.numpy())
+
+
+def rgb_pixels(image: Image.Image | RGBImage) -> torch.Tensor:
+    """uint8 [h, w, 3] pixels of a PIL RGB image or an RGBImage (the latter without a copy)."""
+    if isinstance(image, RGBImage):
+        return image.pixels
+    return RGBImage.from_pil(image).pixels
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std ×255 as [1, 3, 1, 1] on `device`: made once, since each
+    torch.tensor(..., device="cuda") is a blocking copy from pageable memory."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+def _resized(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [n, h, w, 3] (all one size) → normalised float32 [n, 3, *size]: one batched op
+    per step. The per-image and batched forms give the same bits (tests/test_preprocess.py)."""
+    x = pixels.permute(0, 3, 1, 2).float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return _normalise(x)
+
+
+def image_tensor(image: Image.Image | RGBImage, size: tuple[int, int],
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """RGB image → normalised float32 [3, h, w] at `size` (h, w), resized on `device`."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    pixels = rgb_pixels(image)
     if torch.device(device).type == "cuda":
-        # Page-locked staging lets the copy run asynchronously with work already queued.
         pixels = pixels.pin_memory().to(device, non_blocking=True)
     else:
         pixels = pixels.to(device)
-    x = pixels.permute(2, 0, 1)[None].float()
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std)[0]
+    return _resized(pixels[None], size)[0]
 
 
 @dataclass
@@ -166,3 +225,73 @@ def pad_batch(tensors: list[torch.Tensor]) -> Batch:
         images[i, :, : t.shape[1], : t.shape[2]] = t
         mask[i, : t.shape[1], : t.shape[2]] = False
     return Batch(images, mask, [(t.shape[1], t.shape[2]) for t in tensors])
+
+
+class PinnedStaging:
+    """Reused page-locked host buffers through which a batch's pixels go to the GPU in one copy.
+
+    A fresh page-locked allocation per image (`Tensor.pin_memory()`) costs more than the copy it
+    speeds up; these buffers are allocated once, grown when a batch needs more, and used in turn:
+    a buffer is written again only once the device has finished reading it (its CUDA event)."""
+
+    def __init__(self, device: torch.device, count: int = 3):
+        self.device = device
+        self._buffers: list[torch.Tensor | None] = [None] * count
+        self._copied: list[torch.cuda.Event | None] = [None] * count
+        self._next = 0
+        self.allocations = 0            # page-locked allocations made (tests: reuse, not one per batch)
+
+    def to_device(self, pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 host tensors → the same tensors on the device, through one host-to-device copy
+        queued on the current stream (the caller does not wait for it)."""
+        total = sum(p.numel() for p in pixels)
+        slot = self._next
+        self._next = (slot + 1) % len(self._buffers)
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()        # the copy from this buffer, batches ago
+        buffer = self._buffers[slot]
+        if buffer is None or buffer.numel() < total:
+            # Some headroom, so that a slightly larger batch later does not allocate again.
+            buffer = self._buffers[slot] = torch.empty(total + total // 4, dtype=torch.uint8, pin_memory=True)
+            self.allocations += 1
+        staged = buffer[:total]
+        torch.cat([p.reshape(-1) for p in pixels], out=staged)
+        on_device = staged.to(self.device, non_blocking=True)
+        copied = self._copied[slot] = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(self.device))
+        out, start = [], 0
+        for p in pixels:
+            out.append(on_device[start:start + p.numel()].view(p.shape))
+            start += p.numel()
+        return out
+
+
+def prepare_batch(images: list[Image.Image | RGBImage], sizes: list[tuple[int, int]],
+                  device: torch.device, staging: PinnedStaging | None = None) -> Batch:
+    """Images → the padded, normalised batch at their processed `sizes`, on `device`.
+
+    The pixels go to the device as uint8 (on CUDA through `staging`, one copy per batch); then
+    the images that share a source size and a processed size (most of a COCO-like batch) are
+    resized and normalised together, one batched op each, and written into the padded batch.
+    Results equal `pad_batch([image_tensor(...) ...])`, bit for bit on the CPU."""
+    pixels = [rgb_pixels(image) for image in images]
+    if device.type == "cuda" and staging is not None:
+        pixels = staging.to_device(pixels)
+    else:
+        pixels = [p.to(device) for p in pixels]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    batch = torch.zeros((len(images), 3, height, width), device=device)
+    mask = torch.ones((len(images), height, width), dtype=torch.bool, device=device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, size) in enumerate(zip(pixels, sizes)):
+        groups.setdefault((tuple(p.shape), tuple(size)), []).append(i)
+    for (_, (h, w)), members in groups.items():
+        resized = _resized(torch.stack([pixels[i] for i in members]), (h, w))
+        if len(members) == len(images) and (h, w) == (height, width):
+            batch = resized
+        else:
+            for j, i in enumerate(members):
+                batch[i, :, :h, :w] = resized[j]
+        for i in members:           # slices, not an index list (a blocking host-to-device copy)
+            mask[i, :h, :w] = False
+    return Batch(batch, mask, [tuple(size) for size in sizes])

@@ -49,11 +49,14 @@ class ResNetBody(nn.Module):
             if not isinstance(bn, FrozenBatchNorm2d):
                 continue                                  # folded already
             scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                               conv.dilation, conv.groups, bias=True).to(conv.weight.device, conv.weight.dtype)
+            # Built on the meta device and given its two tensors: no random initialisation or
+            # extra copy to waste at start-up.
+            with torch.device("meta"):
+                folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                   conv.dilation, conv.groups, bias=True)
             with torch.no_grad():
-                folded.weight.copy_(conv.weight * scale[:, None, None, None])
-                folded.bias.copy_(bn.bias - bn.running_mean * scale)
+                folded.weight = nn.Parameter(conv.weight * scale[:, None, None, None])
+                folded.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
             setattr(parent, conv_name, folded)
             setattr(parent, bn_name, nn.Identity())
 

@@ -182,19 +182,22 @@ class DETRPanoptic(nn.Module):
         """The pruned pass: the mask head runs only for queries that survive the threshold.
 
         Returns pred_logits and pred_boxes for every query, `keep` [B,Q] bool (best class is not
-        "no object" and its probability > threshold) and `kept_masks` [K,H/4,W/4] for the K kept
+        "no object" and its probability > threshold), `kept_counts` [B] (on the host: the kept
+        queries per image) and `kept_masks` [K,H/4,W/4] for the K kept
         queries in (image, query) order — the masks `forward` gives those queries, up to float
         rounding (the head's first convolution is split in two, see `MaskHead.shared_context`).
         """
         f = self.detr(images, self._padding_mask(images, padding_mask))
         keep = kept_queries(f.pred_logits, threshold)
         image_index, query_index = keep.nonzero(as_tuple=True)
+        counts = keep.sum(1).tolist()     # the batch's one host round trip: the head's size
         if image_index.numel():
-            masks = self._kept_masks(f, image_index, query_index, keep.sum(1).tolist())
+            masks = self._kept_masks(f, image_index, query_index, counts)
         else:
             size = f.stages[0].shape[-2:]
             masks = f.pred_logits.new_zeros((0, *size))
-        return {"pred_logits": f.pred_logits, "pred_boxes": f.pred_boxes, "keep": keep, "kept_masks": masks}
+        return {"pred_logits": f.pred_logits, "pred_boxes": f.pred_boxes, "keep": keep, "kept_masks": masks,
+                "kept_counts": torch.tensor(counts, dtype=torch.long)}
 
 
 def kept_queries(pred_logits: torch.Tensor, threshold: float) -> torch.Tensor:
