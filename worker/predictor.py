@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
+from .labels import LabelMap, coco_label_map
 from .model import create_model
 from .postprocess import start_postprocess
 from .preprocess import image_tensor, pad_batch, processed_size
@@ -75,7 +76,14 @@ class Predictor:
         self.config = config
         self.device = check_device(config.device, config.precision)
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
-        self.model = create_model(config.model, weights=config.weights).to(self.device)
+        # The label map: the file given (--categories; read first, so a bad one fails fast), else the
+        # one that came with the weights (a transformers id2label), else COCO's. One that does not
+        # fit the class head is refused (LabelMapError, a ValueError).
+        given = LabelMap.load(config.categories) if config.categories else None
+        model = create_model(config.model, weights=config.weights)
+        self.label_map: LabelMap = given or model.label_map or coco_label_map()
+        self.label_map.check_head(model.num_classes, f"the weights ({config.weights})")
+        self.model = model.to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
         # On the CPU only the backbone goes NHWC: the mask head's group norms are slower so.
@@ -105,7 +113,7 @@ class Predictor:
     def model_info(self) -> dict:
         """What each result's JSON records about the model that made it."""
         return {"name": self.config.model, "weights_sha256": self.model.weights_sha256,
-                "threshold": self.config.threshold}
+                "threshold": self.config.threshold, "label_map_sha256": self.label_map.sha256}
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -137,7 +145,7 @@ class Predictor:
             torch.cuda.current_stream(self.device).synchronize()
         model_done = time.perf_counter()
         futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],
-                                    executor=self._postprocess_pool)
+                                    executor=self._postprocess_pool, label_map=self.label_map)
         return PendingBatch(futures, (model_done - start) * 1e3 / len(images), model_done)
 
     def predict_batch(self, images: list[Image.Image]) -> list[dict]:

@@ -6,15 +6,21 @@ A weights source is one of:
   "official"        the published checkpoint, cached in torch hub's checkpoint folder and checked
                     against the SHA-256 prefix in its file name;
   "random"          seeded initialisation (smoke runs, tests) — only when asked for by name;
-  a local path, "s3://bucket/key", "http(s)://…" or "file://…".
-Checkpoints are always read with `torch.load(..., weights_only=True)`: no pickled code runs.
+  a local path, "s3://bucket/key", "http(s)://…" or "file://…": a checkpoint in the official
+                    layout, as a PyTorch file or a `.safetensors` file (recognised by content);
+  a local folder    a transformers `DetrForSegmentation` checkpoint (`config.json` with
+                    `model.safetensors` or `pytorch_model.bin`), see transformers_checkpoint.py.
+PyTorch files are always read with `torch.load(..., weights_only=True)` and safetensors files with
+the `safetensors` package: no pickled code runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import struct
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,8 @@ from pathlib import Path
 import torch
 
 from ..config import VARIANTS, VariantSpec
+from ..labels import LabelMap
+from . import transformers_checkpoint
 
 RANDOM_SEED = 0
 
@@ -35,6 +43,7 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     sha256: str          # of the checkpoint file's bytes
     source: str          # as given, for messages and provenance
+    label_map: LabelMap | None = None    # the checkpoint's own (a transformers config's id2label)
 
 
 def checkpoint_cache_dir() -> Path:
@@ -49,7 +58,25 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    if len(data) < 10 or data[8:10] != b'{"':
+        return False
+    return 8 + struct.unpack("<Q", data[:8])[0] <= len(data)
+
+
+def _safetensors_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"cannot read weights from {source}: not a loadable safetensors file — {exc}") from exc
+
+
 def _state_dict_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    if _is_safetensors(data):
+        return _safetensors_state_dict(data, source)
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
@@ -113,11 +140,50 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
             raise WeightsError(f"cannot read weights from {source}: {exc}") from exc
     else:
         path = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
+        if path.is_dir():
+            return _load_transformers_folder(path, source, variant)
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist (use --weights official, random, "
                                f"a local path, s3://bucket/key or an https:// URL)")
         data = path.read_bytes()
     return LoadedWeights(_state_dict_from_bytes(data, source), hashlib.sha256(data).hexdigest(), source)
+
+
+def _load_transformers_folder(folder: Path, source: str, variant: str) -> LoadedWeights:
+    """A transformers `DetrForSegmentation` checkpoint: its config is checked against `variant`,
+    its parameters renamed to ours; its id2label becomes the weights' label map."""
+    config_path = folder / transformers_checkpoint.CONFIG_FILE
+    if not config_path.is_file():
+        raise WeightsError(f"weights folder {folder} has no {config_path.name}: a folder must hold a transformers "
+                           f"DetrForSegmentation checkpoint (config.json + model.safetensors or pytorch_model.bin)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{config_path} is not a JSON object")
+    try:
+        arch = transformers_checkpoint.architecture(config, str(config_path))
+        label_map = transformers_checkpoint.label_map(config, str(config_path))
+    except transformers_checkpoint.CheckpointError as exc:
+        raise WeightsError(str(exc)) from exc
+    matching = [v.name for v in VARIANTS.values() if (v.depth, v.dilation) == (arch.depth, arch.dilation)]
+    if matching != [variant]:
+        raise WeightsError(f"{source} is a {matching[0]} checkpoint (ResNet-{arch.depth}"
+                           f"{', dilated' if arch.dilation else ''}): pass --model {matching[0]}")
+    path = next((folder / name for name in transformers_checkpoint.WEIGHT_FILES if (folder / name).is_file()), None)
+    if path is None:
+        sharded = any(folder.glob("*.index.json"))
+        raise WeightsError(f"weights folder {folder} has no {' or '.join(transformers_checkpoint.WEIGHT_FILES)}"
+                           + (" (sharded checkpoints are not supported)" if sharded else ""))
+    data = path.read_bytes()
+    raw = _safetensors_state_dict(data, str(path)) if path.suffix == ".safetensors" else \
+        _state_dict_from_bytes(data, str(path))
+    try:
+        state_dict = transformers_checkpoint.convert_state_dict(raw, arch)
+    except transformers_checkpoint.CheckpointError as exc:
+        raise WeightsError(f"cannot map {path} onto {variant}: {exc}") from exc
+    return LoadedWeights(state_dict, hashlib.sha256(data).hexdigest(), source, label_map)
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
