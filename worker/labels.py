@@ -192,12 +192,12 @@ class LabelMap:
             raise LabelMapError(
                 f"{weights} predict category ids 0..{num_classes - 1}, but the label map {self.source} "
                 f"names id {self.max_id}: the weights were not trained with these categories"
-                + ("" if self.source != COCO_SOURCE else " (pass --categories FILE with the model's own categories)"))
+                + ("" if self.source != COCO_SOURCE else ": give the model's own categories (predict --categories FILE)"))
         if num_classes != self.max_id + 1 and num_classes != DETR_PANOPTIC_CLASSES:
             raise LabelMapError(
                 f"{weights} predict category ids 0..{num_classes - 1}, but the label map {self.source} ends at "
                 f"id {self.max_id} (a head trained on it has {self.max_id + 2} outputs, or 251 with DETR's "
-                f"panoptic default): pass --categories FILE with the model's own categories")
+                f"panoptic default): give the model's own categories (predict --categories FILE)")
 
 
 COCO_SOURCE = "COCO panoptic (default)"
