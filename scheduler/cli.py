@@ -45,7 +45,7 @@ def model_options(func):
         click.option("--weights", default="official", show_default=True,
                      help="official (published checkpoint, cached by torch hub), random (seeded, for smoke "
                           "runs), a local path (.pth or .safetensors), s3://bucket/key, an https:// URL, or a "
-                          "folder with a transformers DetrForSegmentation checkpoint."),
+                          "folder or s3:// prefix with a transformers DetrForSegmentation checkpoint (predict)."),
         click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT_THRESHOLD,
                      show_default=True,
                      help="Keep queries whose class confidence is above this."),

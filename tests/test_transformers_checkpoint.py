@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -164,6 +165,23 @@ def test_label_map_comes_from_id2label(saved):
     assert len(predictor.label_map) == len(names) and predictor.model.num_classes == len(names)
     assert all(predictor.label_map.name(i) == name and predictor.label_map.isthing(i) for i, name in names.items())
     assert predictor.model_info["label_map_sha256"] == predictor.label_map.sha256 != coco_label_map().sha256
+
+
+def test_s3_prefix_loads_like_the_folder(own_categories, s3_bucket):
+    variant, folder, _ = own_categories
+    s3 = boto3.client("s3")
+    for path in folder.iterdir():
+        s3.upload_file(str(path), s3_bucket, f"models/parts/{path.name}")
+    local = create_model(variant, weights=str(folder))
+    for prefix in (f"s3://{s3_bucket}/models/parts", f"s3://{s3_bucket}/models/parts/"):
+        remote = create_model(variant, weights=prefix)
+        assert remote.weights_sha256 == local.weights_sha256
+        assert remote.label_map.sha256 == local.label_map.sha256
+        assert all(torch.equal(v, local.state_dict()[k]) for k, v in remote.state_dict().items())
+    with pytest.raises(WeightsError, match="models/nothing.*(no such|NoSuchKey|404)"):
+        create_model(variant, weights=f"s3://{s3_bucket}/models/nothing")
+    with pytest.raises(WeightsError, match="has no config.json"):
+        create_model(variant, weights=f"s3://{s3_bucket}/models/nothing/")
 
 
 def test_other_model_option_is_refused_with_the_right_one(saved):
