@@ -14,6 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from PIL import Image
 
+from storage.objects import mask_url
+
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
 from .labels import LabelMap, coco_label_map
 from .model import create_model
@@ -82,7 +84,7 @@ class Predictor:
         given = LabelMap.load(config.categories) if config.categories else None
         model = create_model(config.model, weights=config.weights)
         self.label_map: LabelMap = given or model.label_map or coco_label_map()
-        self.label_map.check_head(model.num_classes, f"the weights ({config.weights})")
+        self.label_map.check_head(model.num_classes, f"the weights ({mask_url(config.weights)})")
         self.model = model.to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
