@@ -214,6 +214,7 @@ def test_id2label_of_the_coco_categories_is_the_coco_label_map():
     ({"backbone_config": {"model_type": "resnet", "depths": [3, 4, 6, 3]}, "dilation": True},
      "dilation \\(DC5\\) with transformers' own ResNet is not supported"),
     ({"backbone_config": {"model_type": "swin"}}, "backbone 'swin' is not supported"),
+    ({"use_timm_backbone": False}, "backbone \\(no backbone_config\\) is not supported"),
 ])
 def test_unsupported_configurations_are_refused_with_the_setting(change, message):
     config = {"model_type": "detr", "architectures": ["DetrForSegmentation"], "use_timm_backbone": True,

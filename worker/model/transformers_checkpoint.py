@@ -74,8 +74,8 @@ def architecture(config: dict, source: str) -> Architecture:
             dilation = True
     else:
         if backbone.get("model_type") != "resnet":
-            raise CheckpointError(f"{source}: backbone {backbone.get('model_type')!r} is not supported "
-                                  f"(a ResNet-50 or ResNet-101)")
+            given = repr(backbone["model_type"]) if backbone.get("model_type") else "(no backbone_config)"
+            raise CheckpointError(f"{source}: backbone {given} is not supported (a ResNet-50 or ResNet-101)")
         depth = RESNET_DEPTHS.get(tuple(backbone.get("depths") or ()))
         if depth is None:
             raise CheckpointError(f"{source}: ResNet depths {backbone.get('depths')} are not supported "
