@@ -266,3 +266,21 @@ def test_predict_uses_the_checkpoints_categories_and_jobs_refuse_the_folder(own_
                             env=env, cwd=tmp_path)
     assert result.returncode != 0 and "is a folder, not a file" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("timm", [True, False], ids=["timm", "transformers-resnet"])
+def test_resnet101_checkpoints_load_strictly(tmp_path, timm):
+    """ResNet-101 (23 blocks in stage 3) of either kind: every parameter lands in detr-r101."""
+    if timm:
+        config = DetrConfig(use_timm_backbone=True, backbone="resnet101", num_labels=250)
+    else:
+        config = _resnet_config(num_labels=250)
+        config.backbone_config.depths = [3, 4, 23, 3]
+    torch.manual_seed(0)
+    theirs = DetrForSegmentation(config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = create_model("detr-r101", weights=str(tmp_path)).state_dict()
+    assert sum(v.numel() for v in ours.values()) == sum(v.numel() for v in theirs.state_dict().values()
+                                                         if v.is_floating_point())
+    prefix = "detr.model.backbone.model." + ("layer3.22.conv2" if timm else "encoder.stages.2.layers.22.layer.1.convolution")
+    assert torch.equal(ours["detr.backbone.0.body.layer3.22.conv2.weight"], theirs.state_dict()[prefix + ".weight"])
