@@ -284,3 +284,42 @@ def test_resnet101_checkpoints_load_strictly(tmp_path, timm):
                                                          if v.is_floating_point())
     prefix = "detr.model.backbone.model." + ("layer3.22.conv2" if timm else "encoder.stages.2.layers.22.layer.1.convolution")
     assert torch.equal(ours["detr.backbone.0.body.layer3.22.conv2.weight"], theirs.state_dict()[prefix + ".weight"])
+
+
+def test_same_panoptic_result_as_transformers_where_the_postprocessors_agree():
+    """transformers' post_process_panoptic_segmentation differs from DETR's (it resizes score-weighted
+    mask probabilities to the target size and drops segments by overlap, not by area), but on masks
+    that split the image into blocks with clear margins, at the processed size, both must give the
+    same partition and classes, with the label map's stuff fused (label_ids_to_fuse)."""
+    from transformers import DetrImageProcessor
+    from transformers.models.detr.modeling_detr import DetrSegmentationOutput
+
+    from worker.labels import LabelMap
+    from worker.postprocess import panoptic_postprocess
+
+    label_map = LabelMap.from_categories([{"id": i, "name": f"c{i}", "isthing": int(i % 3 != 0)} for i in range(20)])
+    stuff = {c.id for c in label_map.categories if not c.isthing}
+    # six 10×10 blocks of the 20×30 mask grid: (query, class) per block; 3 and 9 are stuff
+    blocks = [(0, 1), (2, 3), (5, 3), (6, 1), (7, 9), (8, 4)]
+    logits = torch.zeros(1, 10, 21)
+    logits[0, :, 20] = 12.0                                   # "no object" unless chosen below
+    masks = torch.full((1, 10, 20, 30), -20.0)
+    for position, (query, category) in enumerate(blocks):
+        logits[0, query] = 0.0
+        logits[0, query, category] = 12.0 + 0.1 * position
+        row, col = divmod(position, 3)
+        masks[0, query, row * 10:(row + 1) * 10, col * 10:(col + 1) * 10] = 20.0
+    size = (80, 120)
+    ours = panoptic_postprocess({"pred_logits": logits, "pred_boxes": torch.zeros(1, 10, 4), "pred_masks": masks},
+                                [size], [size], threshold=0.85, label_map=label_map)[0]
+    theirs = DetrImageProcessor().post_process_panoptic_segmentation(
+        DetrSegmentationOutput(logits=logits, pred_masks=masks), threshold=0.85, label_ids_to_fuse=stuff,
+        target_sizes=[size])[0]
+    segmentation = theirs["segmentation"].numpy()
+    pairs = np.unique(np.stack([ours["id_map"].ravel(), segmentation.ravel()], 1), axis=0)
+    assert len(pairs) == len(set(pairs[:, 0])) == len(set(pairs[:, 1])) == 5    # 6 blocks, stuff 3 fused
+    their_labels = {s["id"]: s["label_id"] for s in theirs["segments_info"]}
+    our_segments = {s["id"]: s for s in ours["segments_info"]}
+    for our_id, their_id in pairs.tolist():
+        assert our_segments[our_id]["category_id"] == their_labels[their_id]
+        assert our_segments[our_id]["isthing"] is (their_labels[their_id] not in stuff)
