@@ -149,14 +149,17 @@ def test_predict_refuses_a_bad_label_map_before_loading_the_model(tmp_path):
     assert "category id 1 appears more than once" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_job_fails_its_images_with_the_reason_for_a_head_that_is_not_coco(twenty, tmp_path):
-    """Jobs use the COCO categories for now: a checkpoint with another head fails each image, saying why."""
+def test_run_refuses_a_head_that_is_not_coco_with_the_reason(twenty, tmp_path):
+    """Jobs use the COCO categories for now: `run` loads the model first and refuses another head,
+    saying why, before recording anything."""
     path, _, _ = twenty
     (tmp_path / "in").mkdir()
     Image.new("RGB", (40, 30)).save(tmp_path / "in" / "scene.png")
     env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
     result = panoptic_batch("run", "in", "--dest", "out", "--model", VARIANT, "--weights", str(path),
                             "--min-size", "64", "--max-size", "96", env=env, cwd=tmp_path)
-    assert result.returncode == 1
-    assert "model could not be loaded" in result.stderr and "predict category ids 0..20" in result.stderr
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "predict category ids 0..20" in result.stderr and "--categories" in result.stderr
     assert not (tmp_path / "out" / "scene.json").exists()
+    listed = panoptic_batch("status", "--json", env=env, cwd=tmp_path)
+    assert json.loads(listed.stdout) == []
