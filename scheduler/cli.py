@@ -45,7 +45,8 @@ def model_options(func):
                      help="DETR panoptic variant."),
         click.option("--weights", default="official", show_default=True,
                      help="official (published checkpoint, cached by torch hub), random (seeded, for smoke "
-                          "runs), a local path, s3://bucket/key or an https:// URL."),
+                          "runs), a local path (.pth or .safetensors), s3://bucket/key, an https:// URL, or a "
+                          "folder or s3:// prefix with a transformers DetrForSegmentation checkpoint (predict)."),
         click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT_THRESHOLD,
                      show_default=True,
                      help="Keep queries whose class confidence is above this."),
@@ -69,7 +70,7 @@ def model_options(func):
 
 
 def model_config(options: dict) -> ModelConfig:
-    return ModelConfig(**{key: options[key] for key in ModelConfig.__dataclass_fields__})
+    return ModelConfig(**{key: options[key] for key in ModelConfig.__dataclass_fields__ if key in options})
 
 
 def cell(text) -> str:
@@ -88,6 +89,10 @@ def main():
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>.png and <stem>.json per image.")
+@click.option("--categories", type=click.Path(dir_okay=False), default=None,
+              help="Label map of the weights: a JSON list of COCO panoptic categories (id, name, isthing, "
+                   "optional color, supercategory) or a COCO panoptic file holding one. Default: the "
+                   "weights' own (a transformers checkpoint's id2label), else the 133 COCO categories.")
 @model_options
 def predict(images, out_dir, **options):
     """Segment IMAGE... on this machine, no queue: writes OUT/<stem>.png and OUT/<stem>.json."""

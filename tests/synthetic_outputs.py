@@ -84,7 +84,7 @@ def synthetic_image(rng: np.random.Generator, processed_size: tuple[int, int], n
         else:
             cat = int(rng.choice(things))
         labels[qi] = cat
-    chosen_stuff = [c for c in labels.values() if c > categories.THING_MAX_ID]
+    chosen_stuff = [c for c in labels.values() if not categories.isthing(c)]
     if chosen_stuff:
         for qi in extra:
             labels[qi] = int(rng.choice(chosen_stuff))

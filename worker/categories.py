@@ -1,51 +1,38 @@
-"""The 133 COCO panoptic categories (worker/panoptic_coco_categories.json).
+"""The 133 COCO panoptic categories: the default label map (`worker.labels.coco_label_map`).
 
-DETR's class index *is* the COCO panoptic category id: indices 0..249 are ids, 250 is "no object";
-only 133 of them are real categories (ids 1..200). Things have ids <= 90, stuff ids > 90. A model
-with random weights can predict any index, so every helper also answers for unknown ids.
+Helpers for code that shows COCO results (export, report, overlays). Thing/stuff, names and
+colours come from the label map, which also answers for ids it lacks (a model with random weights
+can predict any index): see worker/labels.py.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-from importlib import resources
 
-THING_MAX_ID = 90
+from .labels import coco_label_map
 
 
 @functools.cache
 def categories() -> tuple[dict, ...]:
     """The 133 categories as in the JSON file: id, name, supercategory, isthing, color."""
-    text = resources.files(__package__).joinpath("panoptic_coco_categories.json").read_text(encoding="utf-8")
-    return tuple(json.loads(text))
-
-
-@functools.cache
-def _by_id() -> dict[int, dict]:
-    return {int(c["id"]): c for c in categories()}
+    return tuple(coco_label_map().as_coco())
 
 
 def is_known(category_id: int) -> bool:
     """Whether the id is one of the 133 COCO panoptic categories."""
-    return int(category_id) in _by_id()
+    return coco_label_map().is_known(category_id)
 
 
 def isthing(category_id: int) -> bool:
-    """Thing (id <= 90) or stuff (id > 90); the rule holds for all 133 known categories."""
-    return int(category_id) <= THING_MAX_ID
+    """Thing or stuff, from the COCO label map (ids it lacks: things up to 90, its largest thing id)."""
+    return coco_label_map().isthing(category_id)
 
 
 def category_name(category_id: int) -> str:
     """The category's name, or "unknown-<id>" for an id outside the 133."""
-    c = _by_id().get(int(category_id))
-    return c["name"] if c is not None else f"unknown-{int(category_id)}"
+    return coco_label_map().name(category_id)
 
 
 def color(category_id: int) -> tuple[int, int, int]:
     """The category's COCO display colour; a fixed colour derived from the id for unknown ids."""
-    c = _by_id().get(int(category_id))
-    if c is not None:
-        return tuple(int(v) for v in c["color"])
-    h = (int(category_id) * 2654435761) & 0xFFFFFF  # Knuth's multiplicative hash: stable, spread out
-    return (h & 0xFF, (h >> 8) & 0xFF, (h >> 16) & 0xFF)
+    return coco_label_map().color(category_id)

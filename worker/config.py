@@ -61,6 +61,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int | str = "auto"     # images per forward pass, or "auto" (worker.predictor.AUTO_BATCH_SIZE)
+    categories: str | None = None      # a label map file (worker.labels); None: the weights' own, else COCO's
 
     def as_dict(self) -> dict:
         return asdict(self)

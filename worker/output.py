@@ -2,7 +2,7 @@
 
 PNG: 8-bit RGB, segment id = R + 256·G + 256²·B, 0 = VOID (panopticapi's id2rgb/rgb2id convention).
 JSON: {"file_name", "image", "height", "width", "segments_info", "model": {"name",
-"weights_sha256", "threshold"}}. Both are named after the image's key (`output_stem`).
+"weights_sha256", "threshold", "label_map_sha256"}}. Both are named after the image's key (`output_stem`).
 """
 
 from __future__ import annotations
@@ -132,22 +132,24 @@ def result_document(result: Mapping, file_name: str, image_uri: str, model_info:
 
     result: a postprocessor result ({"id_map", "png", "segments_info"}); file_name: the PNG's name;
     image_uri: where the source image came from; model_info: a mapping (or object) with `name`,
-    `weights_sha256` and `threshold`.
+    `weights_sha256`, `threshold` and optionally `label_map_sha256`.
     """
     height, width = np.asarray(result["id_map"]).shape
     segments = [{k: seg[k] for k in SEGMENT_KEYS} for seg in result["segments_info"]]
     threshold = _model_field(model_info, "threshold")
+    model = {"name": _model_field(model_info, "name"),
+             "weights_sha256": _model_field(model_info, "weights_sha256"),
+             "threshold": None if threshold is None else float(threshold)}
+    label_map_sha256 = _model_field(model_info, "label_map_sha256")
+    if label_map_sha256:        # which label map named the categories (worker.labels)
+        model["label_map_sha256"] = label_map_sha256
     return {
         "file_name": file_name,
         "image": image_uri,
         "height": int(height),
         "width": int(width),
         "segments_info": segments,
-        "model": {
-            "name": _model_field(model_info, "name"),
-            "weights_sha256": _model_field(model_info, "weights_sha256"),
-            "threshold": None if threshold is None else float(threshold),
-        },
+        "model": model,
     }
 
 

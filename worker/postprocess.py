@@ -7,7 +7,7 @@ three places where this one differs on purpose). Per image:
 2. upsample each kept query's mask logits (its valid, unpadded region: ceil(h/4) × ceil(w/4))
    bilinearly (align_corners=False) to the processed size (h, w);
 3. give each pixel to the kept query with the highest mask logit; the queries of one *stuff*
-   class (id > 90) form one segment;
+   class (by the label map, COCO's by default) form one segment;
 4. resize the id map to the target (original) size with PIL's NEAREST convention;
 5. drop every segment of <= 4 pixels at the target size, with its queries, and redo 3–5.
 
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import categories
+from .labels import LabelMap, coco_label_map
 from .model.segmentation import kept_queries
 from .output import encode_id_png
 
@@ -328,7 +328,8 @@ class _QueryArgmax:
 # Segments
 # --------------------------------------------------------------------------------------------
 
-def _group(active: Sequence[int], labels: Sequence[int], k: int) -> tuple[list[int], list[list[int]]]:
+def _group(active: Sequence[int], labels: Sequence[int], k: int,
+           label_map: LabelMap) -> tuple[list[int], list[list[int]]]:
     """Segment of each query (1-based, 0 for inactive) and each segment's queries: one segment per
     thing query, one per stuff class; numbered in the order of their first query."""
     seg_of = [0] * k
@@ -336,11 +337,12 @@ def _group(active: Sequence[int], labels: Sequence[int], k: int) -> tuple[list[i
     stuff: dict[int, int] = {}
     for q in active:
         cat = labels[q]
-        s = stuff.get(cat) if not categories.isthing(cat) else None
+        thing = label_map.isthing(cat)
+        s = stuff.get(cat) if not thing else None
         if s is None:
             members.append([q])
             s = len(members)
-            if not categories.isthing(cat):
+            if not thing:
                 stuff[cat] = s
         else:
             members[s - 1].append(q)
@@ -363,7 +365,7 @@ def _expand(grid_map: torch.Tensor, g: _Geometry) -> torch.Tensor:
 
 
 def _postprocess_image(masks: torch.Tensor, labels: list[int], scores: list[float],
-                       processed: tuple[int, int], target: tuple[int, int]) -> dict:
+                       processed: tuple[int, int], target: tuple[int, int], label_map: LabelMap) -> dict:
     """masks: [K, h4, w4] float32 mask logits of the image's kept queries (valid region)."""
     H, W = target
     k = len(labels)
@@ -375,7 +377,7 @@ def _postprocess_image(masks: torch.Tensor, labels: list[int], scores: list[floa
     grid = argmax.first()                     # query position per grid pixel
     active = list(range(k))
     while True:
-        seg_of, members = _group(active, labels, k)
+        seg_of, members = _group(active, labels, k, label_map)
         n_seg = len(members)
         lut = torch.tensor(seg_of, dtype=torch.int32, device=dev)
         id_map = _expand(lut[grid], g)                                          # [H, W] int32
@@ -407,8 +409,8 @@ def _postprocess_image(masks: torch.Tensor, labels: list[int], scores: list[floa
         segments.append({
             "id": s,
             "category_id": cat,
-            "category_name": categories.category_name(cat),
-            "isthing": categories.isthing(cat),
+            "category_name": label_map.name(cat),
+            "isthing": label_map.isthing(cat),
             "area": int(area[s]),
             "bbox": [int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1)],
             "score": float(max(scores[q] for q in qs)),
@@ -432,11 +434,11 @@ _side_streams = threading.local()
 
 
 def _postprocess_job(masks: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor,
-                     processed: tuple[int, int], target: tuple[int, int]) -> dict:
+                     processed: tuple[int, int], target: tuple[int, int], label_map: LabelMap) -> dict:
     """One image's result from its kept masks and its queries' [Q] labels, scores and keep flags
     (read to the host here, in the thread that postprocesses the image, not by the caller)."""
     kept = keep.nonzero().flatten()
-    return _postprocess_image(masks, labels[kept].tolist(), scores[kept].tolist(), processed, target)
+    return _postprocess_image(masks, labels[kept].tolist(), scores[kept].tolist(), processed, target, label_map)
 
 
 def _on_side_stream(ready: torch.cuda.Event, *args) -> dict:
@@ -460,7 +462,7 @@ def _in_thread(*args) -> dict:
 
 @torch.inference_mode()
 def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, target_sizes,
-                     executor: Executor | None = None) -> list[dict]:
+                     executor: Executor | None = None, label_map: LabelMap | None = None) -> list[dict]:
     """Results from the pruned model pass (`model.forward_kept`).
 
     outputs_kept: {"pred_logits" [B,Q,C+1], "keep" [B,Q] bool, "kept_masks" [K,H',W'] for the kept
@@ -468,18 +470,20 @@ def postprocess_kept(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, 
     processed_sizes / target_sizes: B pairs (h, w).
     Returns per image {"id_map": int32 [H, W] (0 = VOID), "png": bytes, "segments_info": [...]}.
     With an `executor` (threads), images are postprocessed concurrently (with CUDA tensors each
-    thread on its own CUDA stream); results are the same.
+    thread on its own CUDA stream); results are the same. `label_map` names the class ids and
+    says which are stuff (default: the COCO panoptic categories).
     """
-    return [f.result() for f in start_postprocess(outputs_kept, processed_sizes, target_sizes, executor)]
+    return [f.result() for f in start_postprocess(outputs_kept, processed_sizes, target_sizes, executor, label_map)]
 
 
 @torch.inference_mode()
 def start_postprocess(outputs_kept: Mapping[str, torch.Tensor], processed_sizes, target_sizes,
-                      executor: Executor | None = None) -> list[Future]:
+                      executor: Executor | None = None, label_map: LabelMap | None = None) -> list[Future]:
     """`postprocess_kept` that returns at once with one future per image when given an
     `executor`: the caller may start the next model pass meanwhile. The futures hold the
     tensors they read, so the caller may drop its own. Without one, the futures are done."""
     logits, keep, masks = outputs_kept["pred_logits"], outputs_kept["keep"], outputs_kept["kept_masks"]
+    label_map = label_map or coco_label_map()
     batch = logits.shape[0]
     if len(processed_sizes) != batch or len(target_sizes) != batch:
         raise ValueError(f"{batch} images but {len(processed_sizes)} processed and {len(target_sizes)} target sizes")
@@ -499,7 +503,7 @@ def start_postprocess(outputs_kept: Mapping[str, torch.Tensor], processed_sizes,
         H, W = _pair(target_sizes[b])
         h4, w4 = math.ceil(h / MASK_STRIDE), math.ceil(w / MASK_STRIDE)
         image_masks = masks[start:start + n, :h4, :w4].float().contiguous()
-        jobs.append((image_masks, labels[b], scores[b], keep[b], (h, w), (H, W)))
+        jobs.append((image_masks, labels[b], scores[b], keep[b], (h, w), (H, W), label_map))
         start += n
     if executor is None:
         return [_done(_postprocess_job(*job)) for job in jobs]
@@ -518,10 +522,10 @@ def _done(result) -> Future:
 
 @torch.inference_mode()
 def panoptic_postprocess(outputs: Mapping[str, torch.Tensor], processed_sizes, target_sizes,
-                         threshold: float = DEFAULT_THRESHOLD) -> list[dict]:
+                         threshold: float = DEFAULT_THRESHOLD, label_map: LabelMap | None = None) -> list[dict]:
     """Results from the full model outputs {"pred_logits" [B,Q,C+1], "pred_boxes", "pred_masks"
     [B,Q,H',W']} (a possibly padded batch); sizes are B pairs (h, w). See `postprocess_kept`."""
     keep = kept_queries(outputs["pred_logits"], threshold)
     kept = {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs.get("pred_boxes"),
             "keep": keep, "kept_masks": outputs["pred_masks"][keep]}
-    return postprocess_kept(kept, processed_sizes, target_sizes)
+    return postprocess_kept(kept, processed_sizes, target_sizes, label_map=label_map)

@@ -16,7 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from PIL import Image
 
+from storage.objects import mask_url
+
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
+from .labels import LabelMap, coco_label_map
 from .model import create_model
 from .postprocess import start_postprocess
 from .preprocess import PinnedStaging, RGBImage, prepare_batch, processed_size
@@ -101,7 +104,14 @@ class Predictor:
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
         self.batches_in_flight = batches_in_flight()
         threads = postprocess_threads()
-        self.model = create_model(config.model, weights=config.weights).to(self.device)
+        # The label map: the file given (--categories; read first, so a bad one fails fast), else the
+        # one that came with the weights (a transformers id2label), else COCO's. One that does not
+        # fit the class head is refused (LabelMapError, a ValueError).
+        given = LabelMap.load(config.categories) if config.categories else None
+        model = create_model(config.model, weights=config.weights)
+        self.label_map: LabelMap = given or model.label_map or coco_label_map()
+        self.label_map.check_head(model.num_classes, f"the weights ({mask_url(config.weights)})")
+        self.model = model.to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
         # On the CPU only the backbone goes NHWC: the mask head's group norms are slower so.
@@ -133,7 +143,7 @@ class Predictor:
     def model_info(self) -> dict:
         """What each result's JSON records about the model that made it."""
         return {"name": self.config.model, "weights_sha256": self.model.weights_sha256,
-                "threshold": self.config.threshold}
+                "threshold": self.config.threshold, "label_map_sha256": self.label_map.sha256}
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -169,7 +179,7 @@ class Predictor:
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
         model_done = time.perf_counter()        # the CPU's model time (CUDA: see PendingBatch)
         futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],
-                                    executor=self._postprocess_pool)
+                                    executor=self._postprocess_pool, label_map=self.label_map)
         timing = None
         if started is not None:
             timing = (started, torch.cuda.Event(enable_timing=True))

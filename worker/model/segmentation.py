@@ -123,6 +123,7 @@ class DETRPanoptic(nn.Module):
                  hidden_dim: int = 256, nheads: int = 8):
         super().__init__()
         self.num_queries = num_queries
+        self.num_classes = num_classes      # class ids 0..num_classes-1; logit num_classes is "no object"
         self.detr = DETR(depth, dilation, num_classes, num_queries, hidden_dim, nheads)
         self.bbox_attention = AttentionMap(hidden_dim, hidden_dim, nheads)
         self.mask_head = MaskHead(hidden_dim + nheads, tuple(reversed(STAGE_CHANNELS[:3])), hidden_dim)
@@ -168,7 +169,8 @@ class DETRPanoptic(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """images [B,3,H,W] (normalised), padding_mask [B,H,W] bool (True on padding) or None →
-        {"pred_logits" [B,Q,251], "pred_boxes" [B,Q,4], "pred_masks" [B,Q,H/4,W/4]}, every query."""
+        {"pred_logits" [B,Q,C+1], "pred_boxes" [B,Q,4], "pred_masks" [B,Q,H/4,W/4]}, every query
+        (C = num_classes: 250 for the official checkpoints)."""
         f = self.detr(images, self._padding_mask(images, padding_mask))
         b, q = f.pred_logits.shape[:2]
         image_index = torch.arange(b, device=images.device).repeat_interleave(q)

@@ -6,15 +6,22 @@ A weights source is one of:
   "official"        the published checkpoint, cached in torch hub's checkpoint folder and checked
                     against the SHA-256 prefix in its file name;
   "random"          seeded initialisation (smoke runs, tests) — only when asked for by name;
-  a local path, "s3://bucket/key", "http(s)://…" or "file://…".
-Checkpoints are always read with `torch.load(..., weights_only=True)`: no pickled code runs.
+  a local path, "s3://bucket/key", "http(s)://…" or "file://…": a checkpoint in the official
+                    layout, as a PyTorch file or a `.safetensors` file (recognised by content);
+  a local folder or an S3 prefix holding a transformers `DetrForSegmentation` checkpoint
+                    (`config.json` with `model.safetensors` or `pytorch_model.bin`), see
+                    transformers_checkpoint.py.
+PyTorch files are always read with `torch.load(..., weights_only=True)` and safetensors files with
+the `safetensors` package: no pickled code runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import struct
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,8 @@ import torch
 from storage.objects import redact_urls, without_secrets
 
 from ..config import VARIANTS, VariantSpec
+from ..labels import LabelMap
+from . import transformers_checkpoint
 
 RANDOM_SEED = 0
 
@@ -37,6 +46,7 @@ class LoadedWeights:
     state_dict: dict[str, torch.Tensor]
     sha256: str          # of the checkpoint file's bytes
     source: str          # as given, secrets dropped (storage.objects.without_secrets): for messages
+    label_map: LabelMap | None = None    # the checkpoint's own (a transformers config's id2label)
 
 
 def checkpoint_cache_dir() -> Path:
@@ -51,7 +61,25 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _is_safetensors(data: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
+    if len(data) < 10 or data[8:10] != b'{"':
+        return False
+    return 8 + struct.unpack("<Q", data[:8])[0] <= len(data)
+
+
+def _safetensors_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"cannot read weights from {source}: not a loadable safetensors file — {exc}") from exc
+
+
 def _state_dict_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    if _is_safetensors(data):
+        return _safetensors_state_dict(data, source)
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
@@ -112,18 +140,89 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
     elif source.startswith(("http://", "https://")):
         data = _download_url(source).read_bytes()
     elif source.startswith("s3://"):
-        from storage.objects import ObjectStoreError, read_bytes  # the only code that talks to S3
+        from storage.objects import ObjectNotFound, ObjectStoreError, read_bytes  # the only code that talks to S3
+        read_prefix = _s3_reader(source)
         try:
+            if source.endswith("/"):
+                return _load_transformers_folder(shown, shown, variant, read_prefix)
             data = read_bytes(source)
+        except ObjectNotFound as exc:
+            if read_prefix(transformers_checkpoint.CONFIG_FILE) is None:   # nor a checkpoint's prefix
+                raise WeightsError(f"cannot read weights from {source}: {exc}") from exc
+            return _load_transformers_folder(shown, shown, variant, read_prefix)
         except ObjectStoreError as exc:
             raise WeightsError(f"cannot read weights from {shown}: {exc}") from exc
     else:
         path = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
+        if path.is_dir():
+            return _load_transformers_folder(str(path), shown, variant, _local_reader(path))
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist (use --weights official, random, "
                                f"a local path, s3://bucket/key or an https:// URL)")
         data = path.read_bytes()
     return LoadedWeights(_state_dict_from_bytes(data, shown), hashlib.sha256(data).hexdigest(), shown)
+
+
+def _load_transformers_folder(location: str, source: str, variant: str, read) -> LoadedWeights:
+    """A transformers `DetrForSegmentation` checkpoint in a folder or S3 prefix (`read(name)` gives
+    a file's bytes, None where it is missing): its config is checked against `variant`, its
+    parameters renamed to ours; its id2label becomes the weights' label map."""
+    config_name = transformers_checkpoint.CONFIG_FILE
+    config_bytes = read(config_name)
+    if config_bytes is None:
+        raise WeightsError(f"weights folder {location} has no {config_name}: a folder must hold a transformers "
+                           f"DetrForSegmentation checkpoint (config.json + model.safetensors or pytorch_model.bin)")
+    where = f"{location.rstrip('/')}/{config_name}"
+    try:
+        config = json.loads(config_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"cannot read {where}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise WeightsError(f"{where} is not a JSON object")
+    try:
+        arch = transformers_checkpoint.architecture(config, where)
+        label_map = transformers_checkpoint.label_map(config, where)
+    except transformers_checkpoint.CheckpointError as exc:
+        raise WeightsError(str(exc)) from exc
+    matching = [v.name for v in VARIANTS.values() if (v.depth, v.dilation) == (arch.depth, arch.dilation)]
+    if matching != [variant]:
+        raise WeightsError(f"{source} is a {matching[0]} checkpoint (ResNet-{arch.depth}"
+                           f"{', dilated' if arch.dilation else ''}): pass --model {matching[0]}")
+    for name in transformers_checkpoint.WEIGHT_FILES:
+        data = read(name)
+        if data is not None:
+            break
+    else:
+        sharded = any(read(f"{name}.index.json") is not None for name in transformers_checkpoint.WEIGHT_FILES)
+        raise WeightsError(f"weights folder {location} has no {' or '.join(transformers_checkpoint.WEIGHT_FILES)}"
+                           + (" (sharded checkpoints are not supported)" if sharded else ""))
+    path = f"{location.rstrip('/')}/{name}"
+    raw = _safetensors_state_dict(data, path) if name.endswith(".safetensors") else _state_dict_from_bytes(data, path)
+    try:
+        state_dict = transformers_checkpoint.convert_state_dict(raw, arch)
+    except transformers_checkpoint.CheckpointError as exc:
+        raise WeightsError(f"cannot map {path} onto {variant}: {exc}") from exc
+    return LoadedWeights(state_dict, hashlib.sha256(data).hexdigest(), source, label_map)
+
+
+def _local_reader(folder: Path):
+    def read(name: str) -> bytes | None:
+        path = folder / name
+        return path.read_bytes() if path.is_file() else None
+    return read
+
+
+def _s3_reader(prefix: str):
+    from storage.objects import ObjectNotFound, ObjectStoreError, join, read_bytes
+
+    def read(name: str) -> bytes | None:
+        try:
+            return read_bytes(join(prefix, name))
+        except ObjectNotFound:
+            return None
+        except ObjectStoreError as exc:
+            raise WeightsError(f"cannot read weights from {prefix}: {exc}") from exc
+    return read
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
