@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import platform
@@ -48,9 +47,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
+
+from bench.pipeline_bench import gradient_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,25 +70,8 @@ def image_sizes(n: int) -> list[tuple[int, int]]:
 
 
 def coco_like_jpeg(seed: int, width: int, height: int) -> bytes:
-    """Smooth colour fields with edges and noise (JPEG, quality 90): decodes like a photo."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = []
-    for _ in range(3):
-        value = np.zeros((height, width), np.float32)
-        for _ in range(3):
-            fx, fy = rng.uniform(0.5, 3.0, 2) * 2 * np.pi
-            value += np.sin(fx * x / width + fy * y / height + rng.uniform(0, 2 * np.pi))
-        channels.append(value)
-    rgb = np.stack(channels, -1)
-    rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min()) * 255
-    for _ in range(4):                               # a few flat "objects" with hard edges
-        x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(0, height * 3 // 4)
-        rgb[y0:y0 + rng.integers(20, height // 3), x0:x0 + rng.integers(20, width // 3)] = rng.uniform(0, 255, 3)
-    rgb += rng.normal(0, 3, rgb.shape)
-    buf = io.BytesIO()
-    Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    """Smooth colour fields with a few flat "objects" with hard edges, and noise: decodes like a photo."""
+    return gradient_jpeg(seed, width, height, objects=4)
 
 
 def write_images(folder: Path, n: int, unique: int) -> list[Path]:

@@ -53,7 +53,9 @@ PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def gradient_jpeg(seed: int, width: int = 640, height: int = 480) -> bytes:
+def gradient_jpeg(seed: int, width: int = 640, height: int = 480, objects: int = 0) -> bytes:
+    """Smooth colour fields and noise (JPEG, quality 90), with `objects` flat rectangles with hard
+    edges on top: decodes like a photo."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     channels = []
@@ -64,7 +66,11 @@ def gradient_jpeg(seed: int, width: int = 640, height: int = 480) -> bytes:
             value += np.sin(fx * x / width + fy * y / height + rng.uniform(0, 2 * np.pi))
         channels.append(value)
     rgb = np.stack(channels, -1)
-    rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min()) * 255 + rng.normal(0, 3, rgb.shape)
+    rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min()) * 255
+    for _ in range(objects):
+        x0, y0 = rng.integers(0, width * 3 // 4), rng.integers(0, height * 3 // 4)
+        rgb[y0:y0 + rng.integers(20, height // 3), x0:x0 + rng.integers(20, width // 3)] = rng.uniform(0, 255, 3)
+    rgb = rgb + rng.normal(0, 3, rgb.shape)
     buf = io.BytesIO()
     Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()

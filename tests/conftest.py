@@ -12,6 +12,7 @@ Test data lives in the repository (tests/paths.py), never beside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -140,13 +141,31 @@ def drop_pg_database(admin_url: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture
-def pg_database_url(pg_admin_url):
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_pg_database(admin_url: str):
+    """The URL of a fresh, empty PostgreSQL database, dropped on leaving."""
     from storage import db as storage_db
-    name, url = create_pg_database(pg_admin_url)
+    name, url = create_pg_database(admin_url)
     try:
         yield url
     finally:
         storage_db.dispose_all()
-        drop_pg_database(pg_admin_url, name)
+        drop_pg_database(admin_url, name)
+
+
+@pytest.fixture
+def pg_database_url(pg_admin_url):
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    with fresh_pg_database(pg_admin_url) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A URL to a fresh, empty database of each kind."""
+    from storage import db as storage_db
+    if request.param == "postgresql":
+        yield request.getfixturevalue("pg_database_url")
+        return
+    yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    storage_db.dispose_all()

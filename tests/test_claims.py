@@ -266,15 +266,9 @@ def test_retry_undoes_cancel_and_queues_the_pending_images_again(s3_server, s3_b
 
 @pytest.fixture
 def second_pg_database_url(pg_admin_url):
-    from storage import db as storage_db
-
-    from .conftest import create_pg_database, drop_pg_database
-    name, url = create_pg_database(pg_admin_url)
-    try:
+    from .conftest import fresh_pg_database
+    with fresh_pg_database(pg_admin_url) as url:
         yield url
-    finally:
-        storage_db.dispose_all()
-        drop_pg_database(pg_admin_url, name)
 
 
 def test_deployments_sharing_a_broker_queue_leave_each_others_chunks_on_it(

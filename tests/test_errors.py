@@ -258,14 +258,6 @@ def test_run_loads_the_model_once_and_a_rerun_with_nothing_changed_exits_0(tmp_p
 # A submission stopped after its job was recorded (issue 15 item 8): no job left pending forever
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "postgresql":
-        yield request.getfixturevalue("pg_database_url")
-        return
-    yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    storage_db.dispose_all()
-
 
 def _broker_fails_after(chunks_sent: int):
     """An enqueue that sends `chunks_sent` chunks and then fails as kombu does when the broker

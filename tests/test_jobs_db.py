@@ -28,15 +28,6 @@ from storage.schema import Base
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """A URL to a fresh, empty database of each kind."""
-    if request.param == "postgresql":
-        yield request.getfixturevalue("pg_database_url")
-        return
-    yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    storage_db.dispose_all()
-
 
 @pytest.fixture
 def store(db_url) -> JobStore:

@@ -15,18 +15,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from storage import db as storage_db
 from storage.jobs import ImageSuccess, JobStore
 from storage.schema import Image, ImageClass, Job, utcnow
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "postgresql":
-        yield request.getfixturevalue("pg_database_url")
-        return
-    yield f"sqlite:///{tmp_path / 'jobs.db'}"
-    storage_db.dispose_all()
 
 
 def prune(*args, db_url):
