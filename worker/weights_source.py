@@ -21,7 +21,8 @@ from pathlib import Path
 
 from .config import VARIANTS
 
-__all__ = ["WeightsUnavailable", "hub_checkpoint_dir", "check_weights_available", "check_variant_fits"]
+__all__ = ["WeightsUnavailable", "WEIGHTS_CHOICES", "hub_checkpoint_dir", "local_weights_path", "url_cache_name",
+           "check_weights_available", "check_variant_fits"]
 
 URL_CHECK_TIMEOUT_S = 10.0
 # A parameter only DETR-R101 has (its ResNet's third stage has 23 blocks, ResNet-50's has 6).
@@ -38,6 +39,22 @@ def hub_checkpoint_dir() -> Path:
     $XDG_CACHE_HOME/torch, else ~/.cache/torch), without importing torch."""
     home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
     return Path(os.path.expanduser(home)) / "hub" / "checkpoints"
+
+
+# What --weights takes, for messages about a source that is not one.
+WEIGHTS_CHOICES = "use --weights official, random, a local path, s3://bucket/key or an https:// URL"
+
+
+def local_weights_path(source: str) -> Path:
+    """The file a local --weights source (a path or a file:// URL) names."""
+    return Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
+
+
+def url_cache_name(url: str) -> str:
+    """The file name an http(s) checkpoint is cached under in the hub's checkpoint folder, derived
+    from the URL so that reruns do not fetch it again."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
+    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
 
 
 def _url_answers(url: str) -> str | None:
@@ -71,18 +88,19 @@ def check_weights_available(source: str, variant: str) -> None:
     elif source == "random" or source.startswith("s3://"):
         return                              # S3: read by the caller, for its hash
     elif source.startswith(("http://", "https://")):
-        # Cached under a name derived from the URL (worker.model.weights._download_url).
-        name = os.path.basename(urllib.parse.urlparse(source).path) or "weights.pth"
-        if (hub_checkpoint_dir() / f"url-{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}").is_file():
+        if (hub_checkpoint_dir() / url_cache_name(source)).is_file():
             return
         why = _url_answers(source)
         if why:
             raise WeightsUnavailable(f"cannot download --weights {mask_url(source)}: {why}")
     else:                                   # a local path or file:// URL
-        path = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
+        path = local_weights_path(source)
+        if path.is_dir():
+            raise WeightsUnavailable(f"--weights {path} is a folder: a transformers checkpoint folder runs with "
+                                     "`predict` only for now (jobs record the COCO categories); for a job, "
+                                     "pass a checkpoint file")
         if not path.is_file():
-            raise WeightsUnavailable(f"weights file {path} does not exist (use --weights official, random, a local "
-                                     "path, s3://bucket/key or an https:// URL)")
+            raise WeightsUnavailable(f"weights file {path} does not exist ({WEIGHTS_CHOICES})")
         check_variant_fits(path, variant)
 
 

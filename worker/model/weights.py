@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 from storage.objects import redact_urls, without_secrets
 
 from ..config import VARIANTS, VariantSpec
+from ..weights_source import WEIGHTS_CHOICES, local_weights_path, url_cache_name
 from ..labels import LabelMap
 from . import transformers_checkpoint
 
@@ -116,8 +115,7 @@ def _official_path(spec: VariantSpec) -> Path:
 
 def _download_url(url: str) -> Path:
     """http(s) URLs are cached under a name derived from the URL, so reruns do not refetch."""
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
-    path = checkpoint_cache_dir() / f"url-{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    path = checkpoint_cache_dir() / url_cache_name(url)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -148,17 +146,16 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
             data = read_bytes(source)
         except ObjectNotFound as exc:
             if read_prefix(transformers_checkpoint.CONFIG_FILE) is None:   # nor a checkpoint's prefix
-                raise WeightsError(f"cannot read weights from {source}: {exc}") from exc
+                raise WeightsError(f"cannot read weights from {shown}: {exc}") from exc
             return _load_transformers_folder(shown, shown, variant, read_prefix)
         except ObjectStoreError as exc:
             raise WeightsError(f"cannot read weights from {shown}: {exc}") from exc
     else:
-        path = Path(urllib.parse.urlparse(source).path if source.startswith("file://") else source).expanduser()
+        path = local_weights_path(source)
         if path.is_dir():
             return _load_transformers_folder(str(path), shown, variant, _local_reader(path))
         if not path.is_file():
-            raise WeightsError(f"weights file {path} does not exist (use --weights official, random, "
-                               f"a local path, s3://bucket/key or an https:// URL)")
+            raise WeightsError(f"weights file {path} does not exist ({WEIGHTS_CHOICES})")
         data = path.read_bytes()
     return LoadedWeights(_state_dict_from_bytes(data, shown), hashlib.sha256(data).hexdigest(), shown)
 
