@@ -482,12 +482,12 @@ class ChunkProcessor:
                     for future in self._collect(chunk, chunk.schedule.start_now([d.image]), [d])]
         metrics.batch_done(len(good), chunk.predictor.device)
         chunk.recorder.expect(len(good))
-        return [chunk.pool.submit(self._upload, chunk.job, chunk.predictor, d, r, chunk.token, chunk.leases,
-                                  chunk.recorder)
-                for d, r in zip(good, results)]
+        return [chunk.pool.submit(self._upload, chunk, d, r) for d, r in zip(good, results)]
 
-    def _upload(self, job, predictor, d: _Decoded, result, token, leases, recorder: _Recorder) -> ImageOutcome:
+    def _upload(self, chunk: _ChunkRun, d: _Decoded, result) -> ImageOutcome:
         """Upload the image's PNG and JSON; the recorder records it with others (`_recorded`)."""
+        job, predictor, token = chunk.job, chunk.predictor, chunk.token
+        leases, recorder = chunk.leases, chunk.recorder
         entry = None
         try:
             start = time.perf_counter()
