@@ -60,8 +60,8 @@ def _reason(exc: BaseException) -> str:
     text = lines[0] if lines else type(inner).__name__
     if text.startswith("(") and ") " in text:          # "(psycopg.OperationalError) connection failed: …"
         text = text.split(") ", 1)[1]
-    from storage.objects import _scrub
-    return _scrub(text).rstrip(".")
+    from storage.objects import mask_urls
+    return mask_urls(text).rstrip(".")
 
 
 def _is_instance(exc: BaseException, module: str, name: str) -> bool:

@@ -55,6 +55,7 @@ __all__ = [
     "is_local",
     "local_path",
     "mask_url",
+    "mask_urls",
     "url_carries_secret",
     "without_secrets",
     "redact_urls",
@@ -309,7 +310,7 @@ _FAILOVER_SPLIT = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
-def _scrub(text: str) -> str:
+def mask_urls(text: str) -> str:
     """Mask every URL found in a free-form message (e.g. an endpoint URL in a botocore error)."""
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
 
@@ -384,7 +385,7 @@ def s3_client():
             core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
             client = boto3.session.Session(botocore_session=core).client("s3", config=config)
         except Exception as e:  # e.g. a bad AWS_PROFILE or endpoint URL
-            raise ObjectStoreError(f"cannot create the S3 client: {_scrub(str(e))}") from None
+            raise ObjectStoreError(f"cannot create the S3 client: {mask_urls(str(e))}") from None
         _cached = (key, client)
         return client
 
@@ -465,13 +466,13 @@ def _build_s3_error(op: str, uri: str, e: Exception) -> ObjectStoreError:
         detail = f"{code}: {msg}" if msg else code or f"HTTP {status}"
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             detail += " (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE)"
-        return ObjectStoreError(f"{op} {uri} failed: {_scrub(detail)}")
+        return ObjectStoreError(f"{op} {uri} failed: {mask_urls(detail)}")
     if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
         return ObjectStoreError(
             f"{op} {uri} failed: no usable AWS credentials "
             "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
         )
-    return ObjectStoreError(f"{op} {uri} failed: {type(e).__name__}: {_scrub(str(e))}")
+    return ObjectStoreError(f"{op} {uri} failed: {type(e).__name__}: {mask_urls(str(e))}")
 
 
 def _s3_key_required(p: _Parsed, uri: str, op: str) -> None:
@@ -612,10 +613,10 @@ def read_bytes(uri: str | os.PathLike, *, timeout: float = 60.0) -> bytes:
         raise _flagged(ObjectStoreError(f"read {shown} failed: HTTP {e.code} {e.reason}"),
                        e.code in (408, 429) or (e.code >= 500 and e.code != 501)) from None
     except urllib.error.URLError as e:
-        raise _flagged(ObjectStoreError(f"read {shown} failed: {_scrub(str(e.reason))}"),
+        raise _flagged(ObjectStoreError(f"read {shown} failed: {mask_urls(str(e.reason))}"),
                        isinstance(e.reason, (ConnectionError, TimeoutError))) from None
     except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
-        raise _flagged(ObjectStoreError(f"read {shown} failed: {type(e).__name__}: {_scrub(str(e))}"),
+        raise _flagged(ObjectStoreError(f"read {shown} failed: {type(e).__name__}: {mask_urls(str(e))}"),
                        isinstance(e, (ConnectionError, TimeoutError))) from None
 
 
