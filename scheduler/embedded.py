@@ -42,7 +42,9 @@ def embedded_spec(spec: JobSpec, force: bool) -> JobSpec:
 class StopOnSignals:
     """While active, the first SIGINT or SIGTERM sets ``event`` (the work stops at its next batch
     and gives back what it has not run); a second one raises KeyboardInterrupt (stop at once; the
-    claims are still given back). Restores the previous handlers on exit."""
+    claims are still given back). Restores the previous handlers on exit, unless a stop was requested
+    and the state settled: then the process is exiting with 128 + the signal, and a second signal
+    crossing that exit must not kill it half-way (seen in CI)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -50,6 +52,7 @@ class StopOnSignals:
         self.event = threading.Event()
         self.signal_number: int | None = None
         self._previous: dict[int, object] = {}
+        self._settled = False
 
     @property
     def requested(self) -> bool:
@@ -70,6 +73,7 @@ class StopOnSignals:
 
     def settle(self) -> None:
         """From now on the signals are ignored: the job's state is being written."""
+        self._settled = True
         for signum in self.SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
@@ -79,5 +83,7 @@ class StopOnSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._settled and self.requested:      # exiting with 128 + signal: stay deaf until then
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -149,6 +149,24 @@ def _sqlite_store(folder) -> JobStore:
     return JobStore(f"sqlite:///{folder / 'panoptic-batch.db'}")
 
 
+def test_a_second_signal_crossing_the_exit_of_an_interrupted_run_does_not_kill_it():
+    """The user's second SIGTERM can arrive after the job's state is written, while `run` exits
+    with 143: the exit code must stay 143 (a process killed half-way by the signal was seen in CI)."""
+    import subprocess
+    import sys
+
+    program = ("import os, signal, sys\n"
+               "from scheduler.embedded import StopOnSignals\n"
+               "with StopOnSignals() as stopping:\n"
+               "    os.kill(os.getpid(), signal.SIGTERM)\n"
+               "    stopping.settle()\n"
+               "os.kill(os.getpid(), signal.SIGTERM)\n"
+               "sys.exit(stopping.exit_code)\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert "SIGTERM: stopping after the current batch" in done.stderr
+
+
 @pytest.mark.parametrize("signals", [("SIGINT",), ("SIGTERM", "SIGTERM")], ids=["sigint", "sigterm-twice"])
 def test_an_interrupted_run_gives_its_images_back_and_the_same_command_resumes_it(tmp_path, signals):
     import os
