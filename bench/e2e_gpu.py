@@ -148,7 +148,8 @@ def count_pngs(folder: Path) -> int:
 
 
 def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights: str, threshold: float,
-            work: Path, tag: str, device: torch.device, settings: dict[str, str] | None = None) -> dict:
+            work: Path, tag: str, device: torch.device, settings: dict[str, str] | None = None,
+            profile: str | None = None) -> dict:
     """One `panoptic-batch run` over `source` (n images) in a child process; its figures."""
     dest = work / f"out-{tag}"
     log_path = work / f"run-{tag}.log"
@@ -159,6 +160,11 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
                "--device", args.device, "--precision", precision, "--batch-size", str(batch_size),
                "--min-size", str(args.min_size), "--max-size", str(args.max_size),
                "--chunk-size", str(args.chunk_size)]
+    if profile:
+        # py-spy samples every thread's Python stack (idle ones too) 100 times a second: where
+        # the model thread, the io and postprocessing threads spend the run.
+        command = [profile, "record", "--rate", "100", "--idle", "--threads", "--nonblocking", "--format", "raw",
+                   "--output", str(work / f"profile-{tag}.txt"), "--"] + command
     sampler = make_sampler(device)
     memory_before = sampler.memory_used() if sampler else None
     first = last = None
@@ -189,9 +195,22 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
                    gpu_util_mean=statistics.fmean(u for _, u, _ in steady),
                    gpu_samples=len(steady),
                    gpu_memory_peak_mib=(max(m for _, _, m in sampler.samples) - memory_before) / 2**20)
+    row["stage_ms_median"] = stage_medians(work / f"jobs-{tag}.db")
     if not args.keep_outputs:
         shutil.rmtree(dest, ignore_errors=True)
     return row
+
+
+def stage_medians(database: Path) -> dict[str, float]:
+    """The medians of the per-image timings `run` recorded (decode, model, postprocess, upload ms):
+    where an image's time went, as the product itself measures it."""
+    import sqlite3
+
+    from storage.jobs import TIMING_FIELDS
+    with sqlite3.connect(database) as db:
+        rows = db.execute(f"SELECT {', '.join(TIMING_FIELDS)} FROM images WHERE state = 'succeeded'").fetchall()
+    return {name: statistics.median(r[i] for r in rows if r[i] is not None)
+            for i, name in enumerate(TIMING_FIELDS) if any(r[i] is not None for r in rows)}
 
 
 class _Null:
@@ -237,6 +256,37 @@ def seed_baseline(args, device: torch.device, weights: str, threshold: float, pa
     ms = statistics.median(times) * 1e3
     return {"images": len(data), "ms_per_image_median": ms, "images_per_s": 1e3 / ms,
             "segments_per_image_mean": statistics.fmean(segments)}
+
+
+def predictor_rate(args, device: torch.device, weights: str, threshold: float, paths: list[Path],
+                   precision: str, batch_size: int) -> dict:
+    """The same precision and batch size in this process, with no files, SQL or uploads: decoded
+    640×480 images through `Predictor.predict_batches` (staging, model, postprocessing up to the PNG
+    bytes). The gap between this and `run` is what the job around the model costs."""
+    from worker.predictor import ModelConfig, Predictor
+    from worker.preprocess import RGBImage, decode_image
+
+    decoded = [RGBImage.from_pil(decode_image(p.read_bytes())) for p in paths]
+    images = [im for im in decoded if im.size == (640, 480)]
+    predictor = Predictor(ModelConfig(model=args.model, weights=weights, threshold=threshold,
+                                      min_size=args.min_size, max_size=args.max_size, device=str(device),
+                                      precision=precision, batch_size=batch_size))
+    batches = [images[i:i + batch_size] for i in range(0, len(images) - batch_size + 1, batch_size)]
+    for _ in predictor.predict_batches(batches[:2]):            # warm-up: kernels, allocator
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    model_ms = []
+    for results in predictor.predict_batches(batches):
+        model_ms += [r["model_ms"] for r in results]
+    seconds = time.perf_counter() - start
+    predictor.close()
+    del predictor
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    n = sum(len(b) for b in batches)
+    return {"images": n, "images_per_s": n / seconds, "model_ms_median": statistics.median(model_ms)}
 
 
 def prepare_weights(args, device: torch.device, work: Path, paths: list[Path]) -> tuple[str, float, list[int]]:
@@ -293,6 +343,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed after")
     parser.add_argument("--keep-outputs", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--predictor-images", type=int, default=0,
+                        help="also time the predictor alone (in this process, no files or SQL) on the 640×480 "
+                             "ones of the first N images, per config")
+    parser.add_argument("--profile", default=None, metavar="PY_SPY",
+                        help="the py-spy program: the first config's large run is recorded again under it "
+                             "(WORKDIR/profile-*.txt, collapsed stacks; not counted in the table)")
     args = parser.parse_args(argv)
     if not 0 < args.small < args.images:
         parser.error("--small must be between 0 and --images")
@@ -337,8 +393,17 @@ def main(argv: list[str] | None = None) -> dict:
                    "marginal_images_per_s": marginal,
                    "startup_s": small["seconds"] - args.small / marginal,
                    "vs_seed": marginal / seed["images_per_s"]}
+            if args.predictor_images:
+                row["predictor"] = predictor_rate(args, device, weights, threshold, large[:args.predictor_images],
+                                                  precision, batch_size)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.profile and len(rows) == 1:
+                try:
+                    run_job(args, work / "large", args.images, precision, batch_size, weights, threshold, work,
+                            tag + "-profiled", device, env, profile=args.profile)
+                except Exception as exc:          # the profile is a diagnosis: the table goes on
+                    print(f"profiled run failed: {exc}", flush=True)
             save(args, device, threshold, kept, seed, rows, partial=len(rows) < len(configs))
     finally:
         if not args.workdir:
@@ -348,8 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{report['device']}, torch {torch.__version__}, {args.model} {args.min_size}/{args.max_size}, "
           f"{args.images} images (small job {args.small}), threshold {threshold:.3f}, commit {report['commit']}")
     print("| precision | batch | in flight | threads | marginal images/s | × seed | start-up s | first PNG s | GPU busy | GPU util mean "
-          "| GPU memory MiB | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| GPU memory MiB | peak RSS MiB | predictor alone images/s | median ms decode/model/post/upload |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         big = r["large"]
 
@@ -360,7 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"| {r['marginal_images_per_s']:.1f} | {r['vs_seed']:.1f} "
               f"| {r['startup_s']:.1f} | {fmt(r['small']['first_output_s'], '.1f')} "
               f"| {fmt(big.get('gpu_busy_fraction'), '.0%')} | {fmt(big.get('gpu_util_mean'), '.0f')} "
-              f"| {fmt(big.get('gpu_memory_peak_mib'), '.0f')} | {fmt(big.get('peak_rss_mib'), '.0f')} |")
+              f"| {fmt(big.get('gpu_memory_peak_mib'), '.0f')} | {fmt(big.get('peak_rss_mib'), '.0f')} "
+              f"| {fmt(r.get('predictor', {}).get('images_per_s'), '.1f')} "
+              f"| {'/'.join(format(v, '.1f') for v in big.get('stage_ms_median', {}).values()) or 'n/a'} |")
     print(f"seed path (reference placement, fp32, batch 1): {seed['ms_per_image_median']:.1f} ms per image")
     return report
 

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# The lent-GPU session's one prepared run (issue 14), about 9 minutes at most:
-#   1. the service clients `panoptic-batch run` imports (celery, sqlalchemy, alembic, boto3…),
-#      carried as cp312 wheels in .whl/ (bench/gpu_wheels.txt), installed into .gpu-site;
-#   2. card and software facts;
-#   3. bench.e2e_gpu: `panoptic-batch run` over 1,024 COCO-like JPEGs and a 128-image job, per
-#      config (bf16/tf32/fp32 at batch 16, bf16 at 32, bf16 with two batches in flight, bf16
-#      with 16 postprocessing threads instead of 8): marginal images/s, GPU busy fraction,
-#      memory, start-up, and the honest seed baseline (the reference's own steps at batch 1 on
-#      the GPU); its JSON is rewritten after every config;
-#   4. the CUDA tests (pytest -m cuda), then the CPU preprocessing tests under the GPU machine's
-#      torch (2.11) for compatibility.
-# Each step has its own timeout (seconds, overridable: E2E_S, CUDA_TESTS_S, COMPAT_S), so that a
-# hung step costs only its own share. Writes at most 8 files under $OUT (./gpu-out elsewhere):
-# gpu.txt, install.log, e2e.json, e2e.log, e2e-runs.tar.gz, cuda-tests.log, torch-compat.log.
-# The exact device-tool call is in BENCHMARKS.md ("GPU: end to end").
+# The lent-GPU session's prepared runs (issue 14). Two phases, each one device call:
+#   PHASE=diagnose (about 5 minutes): where a bf16 `run` spends its time — the e2e bf16 row with
+#     the predictor alone beside it and per-stage medians, a py-spy profile of a second bf16 run
+#     (every thread, idle too), CPU against nvJPEG decoding, and the CUDA tests.
+#   PHASE=measure (default, about 7 minutes): the figures for BENCHMARKS.md — bf16/tf32/fp32 rows
+#     (E2E_CONFIGS) with the honest seed baseline, then the CUDA tests and the CPU preprocessing
+#     tests under the GPU machine's torch (2.11).
+# Both first install the service clients `panoptic-batch run` imports (celery, sqlalchemy,
+# alembic, boto3…) and py-spy, carried as cp312 wheels in .whl/ (bench/gpu_wheels.txt, fetched by
+# bench/fetch_gpu_wheels.sh), into .gpu-site, and print the card and software facts.
+# Each step has its own timeout (seconds, overridable: E2E_S, CUDA_TESTS_S, COMPAT_S) so that a
+# hung step costs only its own share. At most 8 files under $OUT (./gpu-out elsewhere): gpu.txt,
+# install.log, e2e.json, e2e.log, runs.tar.gz (run logs and profiles), decode.json,
+# cuda-tests.log, torch-compat.log. The device-tool call is in BENCHMARKS.md ("GPU: end to end").
 set -o pipefail
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+PHASE=${PHASE:-measure}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 SITE="$PWD/.gpu-site"
 {
@@ -30,19 +30,33 @@ SITE="$PWD/.gpu-site"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 {
+    echo "phase: $PHASE"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c 'import torch, torchvision, sys, os; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name(), os.cpu_count(), "cores")'
-    git rev-parse HEAD 2>/dev/null || echo "commit: see the session's branch"
+    git rev-parse HEAD 2>/dev/null || echo "commit: ${PANOPTIC_BENCH_COMMIT:-unknown}"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-WORK=/tmp/e2e-work; rm -rf "$WORK"
-timeout "${E2E_S:-360}" python3 -m bench.e2e_gpu --device cuda --images "${E2E_IMAGES:-1024}" --small 128 \
-    --configs "${E2E_CONFIGS:-bf16:16,tf32:16,fp32:16,bf16:32,bf16:16:2,bf16:16:1:16}" --seed-images 16 \
-    --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
-tar -czf "$OUT/e2e-runs.tar.gz" -C "$WORK" $(cd "$WORK" 2>/dev/null && ls run-*.log 2>/dev/null) 2>/dev/null
+cuda_tests() {
+    timeout "${CUDA_TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -m cuda -rA -x \
+        tests/test_cuda.py tests/test_postprocess.py -k cuda 2>&1 | tee "$OUT/cuda-tests.log"
+}
 
-timeout "${CUDA_TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -m cuda -rA \
-    tests/test_cuda.py tests/test_postprocess.py -k cuda 2>&1 | tee "$OUT/cuda-tests.log"
-timeout "${COMPAT_S:-45}" python3 -m pytest -p no:cacheprovider -q -x tests/test_preprocess.py 2>&1 \
-    | tee "$OUT/torch-compat.log"
+WORK=/tmp/e2e-work; rm -rf "$WORK"
+if [ "$PHASE" = diagnose ]; then
+    timeout 60 python3 -m bench.decode_bench --images 256 --threads 8,16 --gpu-batches 16,64 \
+        --json "$OUT/decode.json" 2>&1 | tail -5
+    PROFILER=$SITE/bin/py-spy; [ -x "$PROFILER" ] || PROFILER=
+    timeout "${E2E_S:-200}" python3 -m bench.e2e_gpu --device cuda --images "${E2E_IMAGES:-1024}" --small 128 \
+        --configs "${E2E_CONFIGS:-bf16:16}" --seed-images 8 --predictor-images 256 \
+        ${PROFILER:+--profile "$PROFILER"} --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
+    cuda_tests
+else
+    timeout "${E2E_S:-330}" python3 -m bench.e2e_gpu --device cuda --images "${E2E_IMAGES:-1024}" --small 128 \
+        --configs "${E2E_CONFIGS:-bf16:16,tf32:16,fp32:16}" --seed-images 16 --predictor-images 128 \
+        --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
+    cuda_tests
+    timeout "${COMPAT_S:-45}" python3 -m pytest -p no:cacheprovider -q -x tests/test_preprocess.py 2>&1 \
+        | tee "$OUT/torch-compat.log"
+fi
+(cd "$WORK" 2>/dev/null && tar -czf "$OUT/runs.tar.gz" $(ls run-*.log profile-*.txt 2>/dev/null)) 2>/dev/null
 ls -la "$OUT"
