@@ -55,7 +55,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 ODD_SIZES = [(640, 427), (612, 612), (640, 360), (427, 640), (333, 500), (640, 512)]
 
-RUN_ENTRY = "import sys; from scheduler.cli import main; sys.argv[0] = 'panoptic-batch'; main()"
+# BENCH_SWITCH_INTERVAL (seconds): the child's sys.setswitchinterval, for A/B runs of how long a
+# thread may hold the GIL before another gets it (Python's default 0.005).
+RUN_ENTRY = ("import os, sys; from scheduler.cli import main; sys.argv[0] = 'panoptic-batch'; "
+             "sys.setswitchinterval(float(os.environ.get('BENCH_SWITCH_INTERVAL', sys.getswitchinterval()))); main()")
 
 
 def image_sizes(n: int) -> list[tuple[int, int]]:
@@ -163,7 +166,9 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
     if profile:
         # py-spy samples every thread's Python stack (idle ones too) 100 times a second: where
         # the model thread, the io and postprocessing threads spend the run.
-        command = [profile, "record", "--rate", "100", "--idle", "--threads", "--nonblocking", "--format", "raw",
+        # --gil (PROFILE_GIL=1): only the thread holding the GIL is sampled, i.e. who keeps it.
+        mode = ["--gil"] if os.environ.get("PROFILE_GIL") == "1" else ["--idle"]
+        command = [profile, "record", "--rate", "100", *mode, "--threads", "--nonblocking", "--format", "raw",
                    "--output", str(work / f"profile-{tag}.txt"), "--"] + command
     sampler = make_sampler(device)
     memory_before = sampler.memory_used() if sampler else None
@@ -335,9 +340,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", type=int, default=128, help="the small job (its first images)")
     parser.add_argument("--unique", type=int, default=64, help="distinct images per size")
     parser.add_argument("--configs", default="fp32:16,tf32:16,bf16:16",
-                        help="precision:batch-size[:batches in flight[:postprocessing threads]], comma-"
-                             "separated (PANOPTIC_BATCHES_IN_FLIGHT, default 1; PANOPTIC_POSTPROCESS_THREADS, "
-                             "default 8)")
+                        help="precision:batch-size[:batches in flight[:postprocessing threads]][@NAME=VALUE...], "
+                             "comma-separated (PANOPTIC_BATCHES_IN_FLIGHT, default 1; PANOPTIC_POSTPROCESS_THREADS, "
+                             "default 8; @NAME=VALUE: more environment for the child, e.g. "
+                             "@BENCH_SWITCH_INTERVAL=0.001 or @OMP_NUM_THREADS=1)")
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--seed-images", type=int, default=16)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed after")
@@ -356,9 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.threshold = 0.85
     configs = []
     for item in args.configs.split(","):
+        item, *settings = item.split("@")
         fields = item.split(":")
         precision, batch, in_flight, threads = fields + ["16", "1", "8"][len(fields) - 1:]
-        configs.append((precision, int(batch), int(in_flight), int(threads)))
+        configs.append((precision, int(batch), int(in_flight), int(threads),
+                        dict(setting.split("=", 1) for setting in settings)))
     device = torch.device(args.device)
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="e2e-gpu-"))
@@ -378,22 +386,24 @@ def main(argv: list[str] | None = None) -> dict:
               f"({seed['images_per_s']:.1f} images/s, fp32, batch 1)", flush=True)
         rows = []
         save(args, device, threshold, kept, seed, rows, partial=True)
-        for precision, batch_size, in_flight, threads in configs:
+        for precision, batch_size, in_flight, threads, settings in configs:
             tag = (f"{precision}-b{batch_size}" + (f"-f{in_flight}" if in_flight != 1 else "")
                    + (f"-t{threads}" if threads != 8 else ""))
-            env = {"PANOPTIC_BATCHES_IN_FLIGHT": str(in_flight), "PANOPTIC_POSTPROCESS_THREADS": str(threads)}
+            tag += "".join(f"-{name.lower()}{value}" for name, value in settings.items())
+            env = {"PANOPTIC_BATCHES_IN_FLIGHT": str(in_flight), "PANOPTIC_POSTPROCESS_THREADS": str(threads),
+                   **settings}
             small = run_job(args, small_folder, args.small, precision, batch_size, weights, threshold, work,
                             tag + "-small", device, env)
             big = run_job(args, work / "large", args.images, precision, batch_size, weights, threshold, work,
                           tag + "-large", device, env)
             marginal = (args.images - args.small) / max(1e-9, big["seconds"] - small["seconds"])
-            row = {"precision": precision, "batch_size": batch_size, "in_flight": in_flight,
+            row = {"precision": precision, "batch_size": batch_size, "in_flight": in_flight, "settings": settings,
                    "postprocess_threads": threads,
                    "small": small, "large": big,
                    "marginal_images_per_s": marginal,
                    "startup_s": small["seconds"] - args.small / marginal,
                    "vs_seed": marginal / seed["images_per_s"]}
-            if args.predictor_images:
+            if args.predictor_images and not settings:          # settings reach the child only
                 row["predictor"] = predictor_rate(args, device, weights, threshold, large[:args.predictor_images],
                                                   precision, batch_size)
             rows.append(row)
@@ -421,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
         def fmt(value, spec):
             return "n/a" if value is None else format(value, spec)
 
-        print(f"| {r['precision']} | {r['batch_size']} | {r['in_flight']} | {r['postprocess_threads']} "
+        label = r["precision"] + "".join(f" {k}={v}" for k, v in r.get("settings", {}).items())
+        print(f"| {label} | {r['batch_size']} | {r['in_flight']} | {r['postprocess_threads']} "
               f"| {r['marginal_images_per_s']:.1f} | {r['vs_seed']:.1f} "
               f"| {r['startup_s']:.1f} | {fmt(r['small']['first_output_s'], '.1f')} "
               f"| {fmt(big.get('gpu_busy_fraction'), '.0%')} | {fmt(big.get('gpu_util_mean'), '.0f')} "
@@ -440,7 +451,8 @@ def save(args, device: torch.device, threshold: float, kept: list[int], seed: di
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": props.name if props else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
         "torch": torch.__version__, "python": platform.python_version(),
-        "commit": git_commit() or os.environ.get("PANOPTIC_BENCH_COMMIT"),
+        # The device machine's copy of .git may be stale: the commit given by the caller wins.
+        "commit": os.environ.get("PANOPTIC_BENCH_COMMIT") or git_commit(),
         "cores": os.cpu_count(), "args": vars(args), "threshold": threshold, "kept_sample": kept,
         "seed": seed, "rows": rows, "partial": partial,
     }

@@ -33,7 +33,7 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     echo "phase: $PHASE"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c 'import torch, torchvision, sys, os; print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.get_device_name(), os.cpu_count(), "cores")'
-    git rev-parse HEAD 2>/dev/null || echo "commit: ${PANOPTIC_BENCH_COMMIT:-unknown}"
+    echo "commit: ${PANOPTIC_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null)} (PANOPTIC_BENCH_COMMIT: the device's .git may be stale)"
 } 2>&1 | tee "$OUT/gpu.txt"
 
 cuda_tests() {

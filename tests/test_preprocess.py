@@ -141,3 +141,18 @@ def test_rgb_image_keeps_the_decoded_pixels_and_size():
     assert (rgb.width, rgb.height, rgb.size) == (30, 20, (30, 20))
     assert rgb.pixels.dtype == torch.uint8 and rgb.pixels.shape == (20, 30, 3)
     assert np.array_equal(np.asarray(rgb.pil()), np.asarray(image))
+
+
+def test_pinned_staging_packs_a_batch_of_images_byte_for_byte():
+    """The CUDA staging's host side (pack_pixels, run on CPU tensors): every image's bytes in order,
+    whatever their sizes, and a buffer of the wrong size refused rather than half filled."""
+    from worker.preprocess import pack_pixels
+
+    generator = torch.Generator().manual_seed(3)
+    pixels = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator)
+              for h, w in [(48, 64), (7, 5), (64, 48)]]
+    total = sum(p.numel() for p in pixels)
+    packed = pack_pixels(pixels, torch.empty(total, dtype=torch.uint8))
+    assert torch.equal(packed, torch.cat([p.reshape(-1) for p in pixels]))
+    with pytest.raises(ValueError):
+        pack_pixels(pixels, torch.empty(total + 1, dtype=torch.uint8))
