@@ -5,7 +5,8 @@
 #     (every thread, idle too), CPU against nvJPEG decoding, and the CUDA tests.
 #   PHASE=measure (default, about 7 minutes): the figures for BENCHMARKS.md — bf16/tf32/fp32 rows
 #     (E2E_CONFIGS) with the honest seed baseline, then the CUDA tests and the CPU preprocessing
-#     tests under the GPU machine's torch (2.11).
+#     tests under the GPU machine's torch (2.11). PROFILE_GIL=1: the first config's run again
+#     under py-spy --gil (which thread holds the GIL).
 # Both first install the service clients `panoptic-batch run` imports (celery, sqlalchemy,
 # alembic, boto3…) and py-spy, carried as cp312 wheels in .whl/ (bench/gpu_wheels.txt, fetched by
 # bench/fetch_gpu_wheels.sh), into .gpu-site, and print the card and software facts.
@@ -51,9 +52,10 @@ if [ "$PHASE" = diagnose ]; then
         ${PROFILER:+--profile "$PROFILER"} --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
     cuda_tests
 else
+    PROFILER=$SITE/bin/py-spy; [ -x "$PROFILER" ] && [ "${PROFILE_GIL:-0}" = 1 ] || PROFILER=
     timeout "${E2E_S:-330}" python3 -m bench.e2e_gpu --device cuda --images "${E2E_IMAGES:-1024}" --small 128 \
         --configs "${E2E_CONFIGS:-bf16:16,tf32:16,fp32:16}" --seed-images 16 --predictor-images 128 \
-        --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
+        ${PROFILER:+--profile "$PROFILER"} --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
     cuda_tests
     timeout "${COMPAT_S:-45}" python3 -m pytest -p no:cacheprovider -q -x tests/test_preprocess.py 2>&1 \
         | tee "$OUT/torch-compat.log"
