@@ -173,6 +173,7 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
     sampler = make_sampler(device)
     memory_before = sampler.memory_used() if sampler else None
     first = last = None
+    done_at_first = 0
     rss = None
     with open(log_path, "w") as log:
         start = time.perf_counter()
@@ -183,7 +184,7 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
                 done = count_pngs(dest)
                 now = time.perf_counter()
                 if done and first is None:
-                    first = now
+                    first, done_at_first = now, done
                 if done >= n and last is None:
                     last = now
                 time.sleep(0.05)
@@ -193,7 +194,9 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
         raise RuntimeError(f"run {tag} exited {child.returncode} with {count_pngs(dest)} of {n} PNGs:\n{tail}")
     last = last or end
     row = {"images": n, "seconds": end - start, "first_output_s": (first - start) if first else None,
-           "peak_rss_mib": rss / 1024 if rss else None}
+           "peak_rss_mib": rss / 1024 if rss else None,
+           # From the first PNG written to the last: start-up and exit left out within one run.
+           "steady_images_per_s": (n - done_at_first) / (last - first) if first and last > first else None}
     if sampler and sampler.samples:
         steady = [s for s in sampler.samples if first is not None and first <= s[0] <= last] or sampler.samples
         row.update(gpu_busy_fraction=sum(u > 0 for _, u, _ in steady) / len(steady),
@@ -356,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the py-spy program: the first config's large run is recorded again under it "
                              "(WORKDIR/profile-*.txt, collapsed stacks; not counted in the table)")
     args = parser.parse_args(argv)
-    if not 0 < args.small < args.images:
-        parser.error("--small must be between 0 and --images")
+    if not 0 <= args.small < args.images:
+        parser.error("--small must be between 0 (no small job: steady rates only) and --images")
     if args.weights == "random" and args.threshold is None:
         args.threshold = 0.85
     configs = []
@@ -392,17 +395,20 @@ def main(argv: list[str] | None = None) -> dict:
             tag += "".join(f"-{name.lower()}{value}" for name, value in settings.items())
             env = {"PANOPTIC_BATCHES_IN_FLIGHT": str(in_flight), "PANOPTIC_POSTPROCESS_THREADS": str(threads),
                    **settings}
-            small = run_job(args, small_folder, args.small, precision, batch_size, weights, threshold, work,
-                            tag + "-small", device, env)
+            small = None
+            if args.small:
+                small = run_job(args, small_folder, args.small, precision, batch_size, weights, threshold, work,
+                                tag + "-small", device, env)
             big = run_job(args, work / "large", args.images, precision, batch_size, weights, threshold, work,
                           tag + "-large", device, env)
-            marginal = (args.images - args.small) / max(1e-9, big["seconds"] - small["seconds"])
+            marginal = (args.images - args.small) / max(1e-9, big["seconds"] - small["seconds"]) if small else None
+            rate = marginal or big["steady_images_per_s"] or 0.0
             row = {"precision": precision, "batch_size": batch_size, "in_flight": in_flight, "settings": settings,
                    "postprocess_threads": threads,
                    "small": small, "large": big,
                    "marginal_images_per_s": marginal,
-                   "startup_s": small["seconds"] - args.small / marginal,
-                   "vs_seed": marginal / seed["images_per_s"]}
+                   "startup_s": small["seconds"] - args.small / marginal if small else None,
+                   "vs_seed": rate / seed["images_per_s"]}
             if args.predictor_images and not settings:          # settings reach the child only
                 row["predictor"] = predictor_rate(args, device, weights, threshold, large[:args.predictor_images],
                                                   precision, batch_size)
@@ -422,19 +428,21 @@ def main(argv: list[str] | None = None) -> dict:
     report = save(args, device, threshold, kept, seed, rows, partial=False)
     print(f"\n{report['device']}, torch {torch.__version__}, {args.model} {args.min_size}/{args.max_size}, "
           f"{args.images} images (small job {args.small}), threshold {threshold:.3f}, commit {report['commit']}")
-    print("| precision | batch | in flight | threads | marginal images/s | × seed | start-up s | first PNG s | GPU busy | GPU util mean "
-          "| GPU memory MiB | peak RSS MiB | predictor alone images/s | median ms decode/model/post/upload |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| precision | batch | in flight | threads | marginal images/s | steady images/s | × seed | start-up s "
+          "| first PNG s | GPU busy | GPU util mean | GPU memory MiB | peak RSS MiB | predictor alone images/s "
+          "| median ms decode/model/post/upload |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def fmt(value, spec):
+        return "n/a" if value is None else format(value, spec)
+
     for r in rows:
         big = r["large"]
-
-        def fmt(value, spec):
-            return "n/a" if value is None else format(value, spec)
-
         label = r["precision"] + "".join(f" {k}={v}" for k, v in r.get("settings", {}).items())
         print(f"| {label} | {r['batch_size']} | {r['in_flight']} | {r['postprocess_threads']} "
-              f"| {r['marginal_images_per_s']:.1f} | {r['vs_seed']:.1f} "
-              f"| {r['startup_s']:.1f} | {fmt(r['small']['first_output_s'], '.1f')} "
+              f"| {fmt(r['marginal_images_per_s'], '.1f')} | {fmt(big['steady_images_per_s'], '.1f')} "
+              f"| {r['vs_seed']:.1f} | {fmt(r['startup_s'], '.1f')} "
+              f"| {fmt((r['small'] or big)['first_output_s'], '.1f')} "
               f"| {fmt(big.get('gpu_busy_fraction'), '.0%')} | {fmt(big.get('gpu_util_mean'), '.0f')} "
               f"| {fmt(big.get('gpu_memory_peak_mib'), '.0f')} | {fmt(big.get('peak_rss_mib'), '.0f')} "
               f"| {fmt(r.get('predictor', {}).get('images_per_s'), '.1f')} "

@@ -3,10 +3,10 @@
 #   PHASE=diagnose (about 5 minutes): where a bf16 `run` spends its time — the e2e bf16 row with
 #     the predictor alone beside it and per-stage medians, a py-spy profile of a second bf16 run
 #     (every thread, idle too), CPU against nvJPEG decoding, and the CUDA tests.
-#   PHASE=measure (default, about 7 minutes): the figures for BENCHMARKS.md — bf16/tf32/fp32 rows
-#     (E2E_CONFIGS) with the honest seed baseline, then the CUDA tests and the CPU preprocessing
-#     tests under the GPU machine's torch (2.11). PROFILE_GIL=1: the first config's run again
-#     under py-spy --gil (which thread holds the GIL).
+#   PHASE=measure (default, about 7 minutes): the CUDA tests, then the figures for BENCHMARKS.md —
+#     bf16/tf32/fp32 rows (E2E_CONFIGS; E2E_SMALL=0: steady rates from the large job only) with the
+#     honest seed baseline, then the CPU preprocessing tests under the GPU machine's torch (2.11).
+#     PROFILE=idle or gil: a py-spy profile of the first config (every thread, or the GIL holder).
 # Both first install the service clients `panoptic-batch run` imports (celery, sqlalchemy,
 # alembic, boto3…) and py-spy, carried as cp312 wheels in .whl/ (bench/gpu_wheels.txt, fetched by
 # bench/fetch_gpu_wheels.sh), into .gpu-site, and print the card and software facts.
@@ -52,11 +52,14 @@ if [ "$PHASE" = diagnose ]; then
         ${PROFILER:+--profile "$PROFILER"} --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
     cuda_tests
 else
-    PROFILER=$SITE/bin/py-spy; [ -x "$PROFILER" ] && [ "${PROFILE_GIL:-0}" = 1 ] || PROFILER=
-    timeout "${E2E_S:-330}" python3 -m bench.e2e_gpu --device cuda --images "${E2E_IMAGES:-1024}" --small 128 \
-        --configs "${E2E_CONFIGS:-bf16:16,tf32:16,fp32:16}" --seed-images 16 --predictor-images 128 \
+    cuda_tests                  # first: whether the figures below come from correct code
+    # PROFILE=idle|gil: the first config's large run again under py-spy (every thread, or the GIL holder).
+    [ "${PROFILE:-}" = gil ] && export PROFILE_GIL=1
+    PROFILER=$SITE/bin/py-spy; [ -x "$PROFILER" ] && [ -n "${PROFILE:-}" ] || PROFILER=
+    timeout "${E2E_S:-330}" python3 -m bench.e2e_gpu --device cuda --images "${E2E_IMAGES:-1024}" \
+        --small "${E2E_SMALL:-128}" --configs "${E2E_CONFIGS:-bf16:16,tf32:16,fp32:16}" \
+        --seed-images "${E2E_SEED_IMAGES:-16}" --predictor-images 128 \
         ${PROFILER:+--profile "$PROFILER"} --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
-    cuda_tests
     timeout "${COMPAT_S:-45}" python3 -m pytest -p no:cacheprovider -q -x tests/test_preprocess.py 2>&1 \
         | tee "$OUT/torch-compat.log"
 fi

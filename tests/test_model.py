@@ -315,6 +315,26 @@ def test_forward_kept_with_nothing_kept(variant: Variant):
     assert pruned["kept_masks"].shape == (0, SIZE[0] // 4, SIZE[1] // 4)
 
 
+def test_a_detector_that_cannot_be_captured_runs_eagerly_with_the_same_results(variant: Variant, caplog):
+    """worker.cuda_graphs' fallback: a shape whose capture fails (here: no CUDA at all) is run
+    eagerly, gives `detect`'s results, is tried once and then never again (one warning)."""
+    import contextlib
+
+    from worker.cuda_graphs import DetectorGraphs
+    images, mask = padded_batch()
+    graphs = DetectorGraphs(variant.model, contextlib.nullcontext)
+    with torch.no_grad():
+        expected = variant.model.detect(images, mask, 0.5)
+        passes = [graphs(images, mask, 0.5) for _ in range(3)]        # the 2nd would capture
+    assert graphs.captures == 0 and len(graphs) == 0
+    assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
+    for got in passes:
+        assert torch.equal(got.keep, expected.keep)
+        assert torch.equal(got.pred_logits, expected.pred_logits)
+        assert torch.equal(got.attention, expected.attention)
+        assert all(torch.equal(a, b) for a, b in zip(got.laterals, expected.laterals))
+
+
 # --------------------------------------------------------------------------- 5. no padding mask
 
 def test_padding_mask_none_equals_all_false(variant: Variant):

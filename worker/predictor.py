@@ -19,6 +19,7 @@ from PIL import Image
 from storage.objects import mask_url
 
 from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
+from .cuda_graphs import DetectorGraphs, cuda_graphs_enabled
 from .labels import LabelMap, coco_label_map
 from .model import create_model
 from .postprocess import start_postprocess
@@ -119,7 +120,10 @@ class Predictor:
         self.set_memory_format(torch.channels_last)
         self._postprocess_pool = None
         self._staging = None
+        self._graphs: DetectorGraphs | None = None
         if self.device.type == "cuda":
+            if cuda_graphs_enabled():
+                self._graphs = DetectorGraphs(self.model, self._autocast)
             self._staging = PinnedStaging(self.device)
             # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
             # with each image size and each batch's count of kept queries. On an H200 with eight
@@ -132,12 +136,16 @@ class Predictor:
         self._memory_format = memory_format
         converted = self.model if self.device.type == "cuda" else self.model.detr.backbone
         converted.to(memory_format=memory_format)
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()          # captured graphs read the weights' old storage
 
     def close(self) -> None:
-        """Stop the postprocessing threads (their CUDA streams go with them)."""
+        """Stop the postprocessing threads (their CUDA streams go with them) and drop the CUDA graphs."""
         if self._postprocess_pool is not None:
             self._postprocess_pool.shutdown(wait=True)
             self._postprocess_pool = None
+        if self._graphs is not None:
+            self._graphs.clear()          # their memory pools
 
     @property
     def model_info(self) -> dict:
@@ -154,7 +162,9 @@ class Predictor:
         dtype = PRECISIONS[self.config.precision]
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype))
+        # No cache of cast weights: a CUDA graph must not keep pointers to a cache that is freed
+        # when the context exits (each weight is cast once per pass anyway).
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype), cache_enabled=False)
 
     @torch.inference_mode()
     def start_batch(self, images: list[Image.Image | RGBImage]) -> PendingBatch:
@@ -174,8 +184,13 @@ class Predictor:
         sizes = [processed_size(im.width, im.height, cfg.min_size, cfg.max_size) for im in images]
         batch = prepare_batch(images, sizes, self.device, self._staging)
         pixels = batch.images.contiguous(memory_format=self._memory_format)
-        with self._autocast():
-            outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
+        if self._graphs is not None:
+            detected = self._graphs(pixels, batch.padding_mask, cfg.threshold, (cfg.precision,))
+            with self._autocast():
+                outputs = self.model.kept_masks(detected)
+        else:
+            with self._autocast():
+                outputs = self.model.forward_kept(pixels, batch.padding_mask, cfg.threshold)
         outputs = {k: (v.float() if v.is_floating_point() else v) for k, v in outputs.items()}
         model_done = time.perf_counter()        # the CPU's model time (CUDA: see PendingBatch)
         futures = start_postprocess(outputs, batch.sizes, [(im.height, im.width) for im in images],

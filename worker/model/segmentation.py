@@ -10,6 +10,8 @@ it also computes each image's share of the head's first convolution once, not on
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -116,6 +118,17 @@ class MaskHead(nn.Module):
         return self.out_lay(x)
 
 
+@dataclass
+class DetectorPass:
+    """`DETRPanoptic.detect`'s tensors for a batch of B images (Q queries, h×w at stride 32)."""
+    pred_logits: torch.Tensor          # [B, Q, C+1]
+    pred_boxes: torch.Tensor           # [B, Q, 4]
+    keep: torch.Tensor                 # [B, Q] bool: the query passes the threshold
+    attention: torch.Tensor            # [B, Q, heads, h, w] every query's attention map
+    laterals: list[torch.Tensor]       # the mask head's adapted FPN stages (strides 16, 8, 4)
+    context: torch.Tensor              # [B, dim, h, w] lay1's share of the projected features
+
+
 class DETRPanoptic(nn.Module):
     """DETR plus its mask branch; parameter names are those of the official panoptic checkpoints."""
 
@@ -143,21 +156,19 @@ class DETRPanoptic(nn.Module):
             chunks.append(self.mask_head(f.projected, attention[images, queries], laterals, images)[:, 0])
         return torch.cat(chunks)
 
-    def _kept_masks(self, f: DetrFeatures, image_index: torch.Tensor, query_index: torch.Tensor,
+    def _kept_masks(self, d: DetectorPass, image_index: torch.Tensor, query_index: torch.Tensor,
                     counts: list[int]) -> torch.Tensor:
         """`_masks` for pairs in (image, query) order, `counts[b]` of image b, computed the fast
         way (`MaskHead.forward_shared`): lay1's share of the features once per image, and a chunk
         whose pairs share one image broadcasts that image's tensors instead of copying them."""
-        attention = self.bbox_attention(f.queries, f.memory, f.memory_mask)
-        laterals = self.mask_head.laterals([f.stages[2], f.stages[1], f.stages[0]])
-        context = self.mask_head.shared_context(f.projected)
         owner = [b for b, n in enumerate(counts) for _ in range(n)]
         chunks = []
         for start in range(0, len(owner), MASK_HEAD_CHUNK):
             end = min(start + MASK_HEAD_CHUNK, len(owner))
             images, queries = image_index[start:end], query_index[start:end]
             one = owner[start] if owner[start] == owner[end - 1] else None
-            chunks.append(self.mask_head.forward_shared(context, attention[images, queries], laterals, images, one)[:, 0])
+            chunks.append(self.mask_head.forward_shared(d.context, d.attention[images, queries], d.laterals, images,
+                                                        one)[:, 0])
         return torch.cat(chunks)
 
     @staticmethod
@@ -179,6 +190,28 @@ class DETRPanoptic(nn.Module):
         return {"pred_logits": f.pred_logits, "pred_boxes": f.pred_boxes,
                 "pred_masks": masks.view(b, q, *masks.shape[-2:])}
 
+    def detect(self, images: torch.Tensor, padding_mask: torch.Tensor | None, threshold: float) -> DetectorPass:
+        """The part of `forward_kept` whose shapes depend only on the input's: the detector, the
+        kept flags and everything the mask head shares across a batch's queries. No host round
+        trip, so that it can be captured as one CUDA graph (worker.cuda_graphs)."""
+        f = self.detr(images, self._padding_mask(images, padding_mask))
+        return DetectorPass(
+            pred_logits=f.pred_logits, pred_boxes=f.pred_boxes, keep=kept_queries(f.pred_logits, threshold),
+            attention=self.bbox_attention(f.queries, f.memory, f.memory_mask),
+            laterals=self.mask_head.laterals([f.stages[2], f.stages[1], f.stages[0]]),
+            context=self.mask_head.shared_context(f.projected))
+
+    def kept_masks(self, d: DetectorPass) -> dict[str, torch.Tensor]:
+        """`forward_kept`'s result from its `detect` part: the mask head for the kept queries."""
+        image_index, query_index = d.keep.nonzero(as_tuple=True)
+        counts = d.keep.sum(1).tolist()     # the batch's one host round trip: the head's size
+        if image_index.numel():
+            masks = self._kept_masks(d, image_index, query_index, counts)
+        else:
+            masks = d.pred_logits.new_zeros((0, *d.laterals[-1].shape[-2:]))
+        return {"pred_logits": d.pred_logits, "pred_boxes": d.pred_boxes, "keep": d.keep, "kept_masks": masks,
+                "kept_counts": torch.tensor(counts, dtype=torch.long)}
+
     def forward_kept(self, images: torch.Tensor, padding_mask: torch.Tensor | None,
                      threshold: float) -> dict[str, torch.Tensor]:
         """The pruned pass: the mask head runs only for queries that survive the threshold.
@@ -189,17 +222,7 @@ class DETRPanoptic(nn.Module):
         queries in (image, query) order — the masks `forward` gives those queries, up to float
         rounding (the head's first convolution is split in two, see `MaskHead.shared_context`).
         """
-        f = self.detr(images, self._padding_mask(images, padding_mask))
-        keep = kept_queries(f.pred_logits, threshold)
-        image_index, query_index = keep.nonzero(as_tuple=True)
-        counts = keep.sum(1).tolist()     # the batch's one host round trip: the head's size
-        if image_index.numel():
-            masks = self._kept_masks(f, image_index, query_index, counts)
-        else:
-            size = f.stages[0].shape[-2:]
-            masks = f.pred_logits.new_zeros((0, *size))
-        return {"pred_logits": f.pred_logits, "pred_boxes": f.pred_boxes, "keep": keep, "kept_masks": masks,
-                "kept_counts": torch.tensor(counts, dtype=torch.long)}
+        return self.kept_masks(self.detect(images, padding_mask, threshold))
 
 
 def kept_queries(pred_logits: torch.Tensor, threshold: float) -> torch.Tensor:
