@@ -38,7 +38,8 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } 2>&1 | tee "$OUT/gpu.txt"
 
 cuda_tests() {
-    timeout "${CUDA_TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -m cuda -rA -x \
+    # No -x: one failing test must not hide the others' results (it did, 2026-12-04).
+    timeout "${CUDA_TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -m cuda -rA \
         tests/test_cuda.py tests/test_postprocess.py -k cuda 2>&1 | tee "$OUT/cuda-tests.log"
 }
 

@@ -1,8 +1,10 @@
 """The detector as CUDA graphs: one replay per batch instead of ~800 kernel launches.
 
 On a GPU worker the thread that drives the model launches every kernel of the backbone, the
-transformer and the heads from Python, while decoding, postprocessing and upload threads want
-the same interpreter; an H200 then waited for launches most of the time (GPU busy 34%, 2026-12-04).
+transformer and the heads from Python; on an H200 the model side alone (`Predictor`, no files or
+SQL) then reached 104 bf16 images/s with the device idle between launches. With these graphs it
+reached 121 (another lease of the same card, 2026-12-04; BENCHMARKS.md). Opt-in for now
+(`cuda_graphs_enabled`).
 `DetectorGraphs` captures `DETRPanoptic.detect` (no host round trip in it) once per input shape
 and replays it; the mask head, whose size depends on the kept-query count, stays eager.
 
@@ -33,8 +35,12 @@ MIN_FREE_FRACTION = 0.4  # capture only while this much of the card's memory is 
 
 
 def cuda_graphs_enabled() -> bool:
-    """PANOPTIC_CUDA_GRAPHS: 1 (default) captures the detector on CUDA devices, 0 runs it eagerly."""
-    value = os.environ.get("PANOPTIC_CUDA_GRAPHS", "1")
+    """PANOPTIC_CUDA_GRAPHS: 1 captures the detector on CUDA devices, 0 (default) runs it eagerly.
+
+    Off by default: on an H200 (2026-12-04) a bf16 `run` was limited by its postprocessing threads
+    and went no faster with graphs (77.6 images/s either way, same run), at 5.3 GiB more device
+    memory, and the CUDA test that compares graph and eager results has not run on a GPU yet."""
+    value = os.environ.get("PANOPTIC_CUDA_GRAPHS", "0")
     if value not in ("0", "1"):
         raise ValueError(f"PANOPTIC_CUDA_GRAPHS must be 0 or 1, not {value!r}")
     return value == "1"
