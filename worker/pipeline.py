@@ -8,6 +8,10 @@ and a result is recorded only while the claim still holds (see storage.jobs).
 Downloads and decoding (to uint8 tensors) of a batch run in threads while the model works on the
 previous batch; the model thread only stages, resizes and normalises whole batches. PNG/JSON uploads and result records run in threads while the model works on the next one.
 SQL: a chunk's claims in one transaction, its results a batch per transaction (RECORD_BATCH).
+
+Why one file: the chunk's steps (claim, fetch and decode, batch, model, upload, record) are one
+schedule sharing the chunk's state (leases, pixel budget, recorder, batch schedule); split, each
+step would have to take that state apart again.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Panoptic postprocessing: DETR outputs → per-image id map, PNG and segments_info.
 
 Semantics are those of DETR's reference panoptic postprocessor (docs/postprocessing.md lists the
-three places where this one differs on purpose). Per image:
+three places where this one differs on purpose). Why one file: the exact argmax (the bilinear
+emulation, contested cells, refinement) and the segment bookkeeping that drives it are one
+algorithm whose invariant (bit-identical to F.interpolate and argmax) is stated once, below. Per
+image:
 
 1. keep the queries whose best class is not "no object" and whose probability is > threshold;
 2. upsample each kept query's mask logits (its valid, unpadded region: ceil(h/4) × ceil(w/4))
