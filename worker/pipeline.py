@@ -113,6 +113,14 @@ def _report_refused(image_id: int, key: str | None, why: str) -> ImageOutcome:
     return ImageOutcome(image_id, False, why, refused=True)
 
 
+def _decode(data: bytes, max_pixels, max_bytes) -> tuple[RGBImage | None, str | None]:
+    """Bytes → (the decoded image, None), or (None, why not): a bad image fails alone."""
+    try:
+        return RGBImage.from_pil(decode_image(data, max_pixels, max_bytes)), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 @dataclass
 class _Decoded:
     image_id: int
@@ -430,20 +438,16 @@ class ChunkProcessor:
             if not self._budget.try_acquire(image.id, pixels):       # decoded later, when there is room
                 return _Decoded(image.id, image.key, image.uri, None, None, (time.perf_counter() - start) * 1e3,
                                 parked=(data, pixels, image))
-            decoded = RGBImage.from_pil(decode_image(data, max_pixels, max_bytes))
-            error = None
         except Exception as exc:            # a bad image fails alone, with its reason
-            decoded, error = None, f"{type(exc).__name__}: {exc}"
+            return _Decoded(image.id, image.key, image.uri, None, f"{type(exc).__name__}: {exc}",
+                            (time.perf_counter() - start) * 1e3)
+        decoded, error = _decode(data, max_pixels, max_bytes)
         return _Decoded(image.id, image.key, image.uri, decoded, error, (time.perf_counter() - start) * 1e3)
 
     def _decode_parked(self, parked: _Decoded, max_pixels, max_bytes=None) -> _Decoded:
         """Decode an image that waited for room in the pixel budget (its room is taken)."""
         start = time.perf_counter()
-        data, _, _ = parked.parked
-        try:
-            decoded, error = RGBImage.from_pil(decode_image(data, max_pixels, max_bytes)), None
-        except Exception as exc:
-            decoded, error = None, f"{type(exc).__name__}: {exc}"
+        decoded, error = _decode(parked.parked[0], max_pixels, max_bytes)
         return _Decoded(parked.image_id, parked.key, parked.uri, decoded, error,
                         parked.decode_ms + (time.perf_counter() - start) * 1e3)
 
