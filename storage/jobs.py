@@ -35,6 +35,7 @@ from sqlalchemy import (Connection, Text, any_, bindparam, case, column, delete,
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from storage.db import get_engine, write_engine
+from storage.labelmaps import read_label_map, record_label_map
 from storage.retry import retry_transient
 from storage.schema import FINISHED_JOB_STATES, Image, ImageClass, Job, OutputName, utcnow
 
@@ -127,6 +128,7 @@ class JobStatus:
     max_size: int = 1333
     config: dict[str, Any] = field(default_factory=dict)
     submitted_at: datetime | None = None
+    label_map_sha256: str | None = None     # None: the COCO categories (worker.labels.job_label_map)
 
     @property
     def finished(self) -> bool:
@@ -449,8 +451,10 @@ class JobStore:
     # -- jobs -----------------------------------------------------------------------------------
 
     def create_job(self, name: str | None, source: str, dest: str, model: str, weights: str,
-                   threshold: float, min_size: int, max_size: int, config: dict | None = None) -> str:
-        """A new pending job; returns its id (12 random hex digits)."""
+                   threshold: float, min_size: int, max_size: int, config: dict | None = None,
+                   label_map: tuple[str, list[dict[str, Any]]] | None = None) -> str:
+        """A new pending job; returns its id (12 random hex digits). ``label_map``: (SHA-256,
+        categories) of the job's label map, stored in the same transaction; None: COCO's."""
         now = utcnow()
         values = dict(
             name=name or source.rstrip("/").rsplit("/", 1)[-1] or source,
@@ -460,11 +464,18 @@ class JobStore:
             threshold=float(threshold), min_size=int(min_size), max_size=int(max_size),
             config=dict(config or {}),
             state="pending", total=0, succeeded=0, failed=0, created_at=now,
+            label_map_sha256=label_map[0] if label_map else None,
         )
+
+        def tx(conn: Connection) -> None:
+            if label_map:
+                record_label_map(conn, *label_map)
+            conn.execute(insert(jobs_t).values(id=job_id, **values))
+
         for _ in range(10):
             job_id = secrets.token_hex(6)
             try:
-                self._write(lambda conn: conn.execute(insert(jobs_t).values(id=job_id, **values)))
+                self._write(tx)
             except IntegrityError:  # 48-bit id collision: draw again
                 continue
             return job_id
@@ -842,8 +853,12 @@ class JobStore:
             pending=max(row.total - done - running, 0), running=running,
             created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
             rate=rate, min_size=row.min_size, max_size=row.max_size, config=dict(row.config or {}),
-            submitted_at=row.submitted_at,
+            submitted_at=row.submitted_at, label_map_sha256=row.label_map_sha256,
         )
+
+    def label_map_categories(self, sha256: str) -> list[dict[str, Any]] | None:
+        """The categories of the label map stored under ``sha256`` (a job's label_map_sha256)."""
+        return self._query(lambda conn: read_label_map(conn, sha256))
 
     # -- images ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.x declarative models: jobs, images, image_classes, output_names.
+"""SQLAlchemy 2.x declarative models: jobs, images, image_classes, output_names, label_maps.
 
 The migrations in ``storage/migrations/versions`` create exactly these tables; a test compares the
 two. Timestamps are timezone-aware UTC in Python and stored as UTC on every backend (PostgreSQL:
@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
-    "Base", "Job", "Image", "ImageClass", "OutputName", "UTCDateTime", "utcnow",
+    "Base", "Job", "Image", "ImageClass", "OutputName", "LabelMapRecord", "UTCDateTime", "utcnow",
     "JOB_STATES", "IMAGE_STATES", "FINISHED_JOB_STATES",
 ]
 
@@ -90,6 +90,8 @@ class Job(Base):
     min_size: Mapped[int] = mapped_column(Integer)
     max_size: Mapped[int] = mapped_column(Integer)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The job's label map (--categories, or the weights' own); NULL: the 133 COCO categories.
+    label_map_sha256: Mapped[str | None] = mapped_column(String(64), ForeignKey("label_maps.sha256"))
     state: Mapped[str] = mapped_column(String(16), default="pending")
     total: Mapped[int] = mapped_column(Integer, default=0)
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
@@ -159,3 +161,13 @@ class OutputName(Base):
     job_id: Mapped[str] = mapped_column(String(12), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     key: Mapped[str] = mapped_column(Text)
+
+
+class LabelMapRecord(Base):
+    """A label map, stored once however many jobs use it (storage.labelmaps): keyed by its
+    SHA-256 (worker.labels.LabelMap.sha256), its categories as a COCO panoptic list."""
+
+    __tablename__ = "label_maps"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    categories: Mapped[list[dict[str, Any]]] = mapped_column(JSON)

@@ -131,7 +131,7 @@ def test_migration_on_first_use_creates_the_schema(db_url):
     assert "ix_image_classes_job_id_category_id" in {ix["name"] for ix in insp.get_indexes("image_classes")}
     assert set(insp.get_pk_constraint("image_classes")["constrained_columns"]) == {"image_id", "category_id"}
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
         # The migration creates exactly what the ORM models describe.
         diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diffs == []
@@ -147,7 +147,7 @@ def test_upgrade_is_idempotent(db_url):
     store = JobStore(db_url)
     assert len(store.jobs()) == 1
     with storage_db.get_engine(db_url).connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
 
 
 _FIRST_USE_SCRIPT = textwrap.dedent("""

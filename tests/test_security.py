@@ -389,6 +389,9 @@ RAW_SQL_ALLOWED = {
     ("storage/db.py", 'cursor.execute("PRAGMA foreign_keys = ON")'),
     ("storage/db.py", 'conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) '
                       'else "BEGIN")'),
+    # Constant DDL: SQLite adds a foreign key only with its column, which alembic cannot express.
+    ("storage/migrations/versions/0003_label_maps.py",
+     'op.execute("ALTER TABLE jobs ADD COLUMN label_map_sha256 VARCHAR(64) REFERENCES label_maps (sha256)")'),
 }
 # text( as a bare name or sqlalchemy's (sa.text, sqlalchemy.text), not a method such as Pillow's draw.text(.
 RAW_SQL = re.compile(r"""(?:(?<![\w.])|\bsa\.|\bsqlalchemy\.)text\s*\(|exec_driver_sql\s*\(|\.execute\s*\(\s*[rbfu]*["']|\bop\.execute\s*\(|"""
