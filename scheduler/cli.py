@@ -15,7 +15,7 @@ from worker.queue import broker_url
 from worker.text import printable
 from storage.objects import mask_url
 
-from .errors import EXIT_USAGE, EXIT_WEIGHTS, CommandError, OneLineErrors, broker_error
+from .errors import EXIT_LABEL_MAP, EXIT_USAGE, EXIT_WEIGHTS, CommandError, OneLineErrors, broker_error
 from .jobstore import find_job, open_store
 from .submit import DEFAULT_CHUNK_SIZE
 
@@ -46,7 +46,11 @@ def model_options(func):
         click.option("--weights", default="official", show_default=True,
                      help="official (published checkpoint, cached by torch hub), random (seeded, for smoke "
                           "runs), a local path (.pth or .safetensors), s3://bucket/key, an https:// URL, or a "
-                          "folder or s3:// prefix with a transformers DetrForSegmentation checkpoint (predict)."),
+                          "folder or s3:// prefix with a transformers DetrForSegmentation checkpoint."),
+        click.option("--categories", type=click.Path(dir_okay=False), default=None,
+                     help="Label map of the weights: a JSON list of COCO panoptic categories (id, name, isthing, "
+                          "optional color, supercategory) or a COCO panoptic file holding one. Default: the "
+                          "weights' own (a transformers checkpoint's id2label), else the 133 COCO categories."),
         click.option("--threshold", type=click.FloatRange(0, 1, max_open=True), default=DEFAULT_THRESHOLD,
                      show_default=True,
                      help="Keep queries whose class confidence is above this."),
@@ -89,15 +93,12 @@ def main():
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for <stem>.png and <stem>.json per image.")
-@click.option("--categories", type=click.Path(dir_okay=False), default=None,
-              help="Label map of the weights: a JSON list of COCO panoptic categories (id, name, isthing, "
-                   "optional color, supercategory) or a COCO panoptic file holding one. Default: the "
-                   "weights' own (a transformers checkpoint's id2label), else the 133 COCO categories.")
 @model_options
 def predict(images, out_dir, **options):
     """Segment IMAGE... on this machine, no queue: writes OUT/<stem>.png and OUT/<stem>.json."""
     from storage.objects import ObjectStoreError, read_bytes
     from worker.heap import keep_freed_memory
+    from worker.labels import LabelMapError
     from worker.model import WeightsError
     from worker.output import result_document
     from worker.predictor import Predictor
@@ -109,6 +110,8 @@ def predict(images, out_dir, **options):
         predictor = Predictor(config)
     except WeightsError as exc:
         raise CommandError(str(exc), EXIT_WEIGHTS) from exc
+    except LabelMapError as exc:
+        raise CommandError(str(exc), EXIT_LABEL_MAP) from exc
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from exc
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,10 +163,15 @@ def job_options(func):
 
 
 def job_spec(source, dest, chunk_size, includes, name, options, queue=None) -> "JobSpec":
+    """The job the options describe; a --categories file that cannot be used is refused here,
+    before anything else is touched."""
+    from worker.labels import LabelMap
+
     from .submit import JobSpec
+    label_map = LabelMap.load(options["categories"]) if options.get("categories") else None
     return JobSpec(source=source, dest=dest, model=options["model"], weights=options["weights"],
                    threshold=options["threshold"], min_size=options["min_size"], max_size=options["max_size"],
-                   name=name, includes=tuple(includes), chunk_size=chunk_size,
+                   name=name, includes=tuple(includes), chunk_size=chunk_size, label_map=label_map,
                    config={"batch_size": options["batch_size"], "max_pixels": options["max_pixels"],
                            "max_bytes": options["max_bytes"], "chunk_size": chunk_size, "queue": queue,
                            "overlays": bool(options.get("overlays"))})
@@ -242,8 +250,6 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     """Walk SOURCE, record a job, queue its images for workers. Prints the job id last."""
     from dataclasses import replace
 
-    from worker.weights_source import check_weights_available
-
     from .dispatch import Dispatcher
     from .submit import submit as submit_job
 
@@ -252,9 +258,8 @@ def submit(source, dest, chunk_size, includes, name, force, queue, **options):
     dispatcher = Dispatcher(store)
     spec = replace(spec, config={**spec.config, "broker": dispatcher.broker})     # its reapers' jobs
 
-    def before_recording():           # what workers would fail every image on, checked first
+    def before_recording(_label_map):     # after the weights and label map were checked (submit)
         check_broker(dispatcher)
-        check_weights_available(spec.weights, spec.model)
 
     with dispatcher.app.producer_or_acquire():
         job_id = submit_job(store, spec, lambda job, ids: dispatcher.enqueue(job, ids, queue), force=force,
@@ -284,13 +289,12 @@ def run(source, dest, chunk_size, includes, name, force, **options):
     processor = None
     with StopOnSignals() as stopping:
 
-        def load_model():             # before recording, after the cheaper checks: weights that cannot load refuse
+        def load_model(label_map):    # before recording, after the cheaper checks: weights that cannot load refuse
             nonlocal processor
             from types import SimpleNamespace
 
             from worker.heap import keep_freed_memory
-            from worker.weights_source import check_weights_available
-            check_weights_available(spec.weights, spec.model)          # fast (no torch): a missing file, offline
+            from worker.labels import LabelMapError
             from worker.pipeline import ChunkProcessor, DeviceFailure
             check_worker_settings(options["device"], options["precision"])
             keep_freed_memory()
@@ -299,16 +303,21 @@ def run(source, dest, chunk_size, includes, name, force, **options):
             try:
                 processor.predictor_for(SimpleNamespace(model=spec.model, weights=spec.weights,
                                                         threshold=spec.threshold, min_size=spec.min_size,
-                                                        max_size=spec.max_size, config=spec.config))
+                                                        max_size=spec.max_size, config=spec.config), label_map)
             except DeviceFailure as exc:
                 raise click.ClickException(f"device failure: {exc}") from exc
+            except LabelMapError as exc:  # a head whose size the weights' file did not tell submit
+                raise CommandError(str(exc), EXIT_LABEL_MAP) from exc
             except ValueError as exc:     # settings the model refuses
                 raise CommandError(str(exc), EXIT_USAGE) from exc
 
         resumed = store.find_interrupted(spec.config["run_key"])
         try:
             if resumed:
-                load_model()
+                from worker.labels import job_label_map
+                from worker.weights_source import describe_weights
+                describe_weights(spec.weights, spec.model)          # fast (no torch): a missing file, offline
+                load_model(job_label_map(store, store.job(resumed)))
                 job_id = resumed
                 chunks = [(job_id, ids) for ids in chunked(store.resume(job_id), chunk_size)]
                 click.echo(f"resuming interrupted job {job_id}: {sum(len(ids) for _, ids in chunks)} images left")
@@ -456,6 +465,7 @@ def status_dict(status) -> dict:
             "rate": round(status.rate, 3), "source": status.source,
             "dest": status.dest, "model": status.model, "weights": status.weights,
             "weights_sha256": status.weights_sha256, "threshold": status.threshold,
+            "label_map_sha256": status.label_map_sha256,
             "created_at": _iso(status.created_at), "started_at": _iso(status.started_at),
             "finished_at": _iso(status.finished_at)}
 

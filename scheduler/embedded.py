@@ -31,6 +31,8 @@ def run_key(spec: JobSpec, force: bool) -> str:
                 "name": spec.name, "includes": list(spec.includes), "chunk_size": spec.chunk_size,
                 "model": spec.model, "weights": spec.weights, "threshold": spec.threshold,
                 "min_size": spec.min_size, "max_size": spec.max_size, "config": spec.config, "force": force}
+    if spec.label_map is not None and not spec.label_map.is_coco:     # run keys from before --categories stay
+        identity["label_map"] = spec.label_map.sha256
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -20,6 +20,7 @@ EXIT_WEIGHTS = 4         # the weights cannot be found, read or loaded
 EXIT_DATABASE = 5        # the database is unreachable or refused us
 EXIT_BROKER = 6          # the broker is unreachable or refused us
 EXIT_OBJECT_STORE = 7    # S3 (or a folder) could not be read or written: unreachable, access denied
+EXIT_LABEL_MAP = 8       # the label map (--categories) cannot be read, or does not fit the weights' class head
 
 
 class CommandError(click.ClickException):
@@ -88,6 +89,8 @@ def translate(exc: BaseException) -> CommandError | None:
     if _is_instance(exc, "worker.model.weights", "WeightsError") or _is_instance(exc, "worker.weights_source",
                                                                                "WeightsUnavailable"):
         return CommandError(str(exc), EXIT_WEIGHTS)
+    if _is_instance(exc, "worker.labels", "LabelMapError"):
+        return CommandError(str(exc), EXIT_LABEL_MAP)
     if isinstance(exc, InvalidURI):
         return CommandError(str(exc), EXIT_USAGE)
     if isinstance(exc, ObjectNotFound):

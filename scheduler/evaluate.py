@@ -326,6 +326,21 @@ def _print_table(evaluation: Evaluation) -> None:
     console.print(classes)
 
 
+def label_map_differences(gt: GroundTruth, label_map) -> str | None:
+    """Where the ground truth's categories and a job's label map name ids differently (a job run
+    with another label map than the ground truth's): said, since predictions are scored by id."""
+    differ = [c for c in gt.categories if not label_map.is_known(c["id"]) or label_map.name(c["id"]) != c.get("name")
+              or label_map.isthing(c["id"]) != (c.get("isthing") == 1)]
+    if not differ:
+        return None
+    first = differ[0]
+    there = (f"{label_map.name(first['id'])!r} ({'thing' if label_map.isthing(first['id']) else 'stuff'})"
+             if label_map.is_known(first["id"]) else "absent")
+    return (f"{len(differ)} of the ground truth's {len(gt.categories)} categories are not the job's (e.g. id "
+            f"{first['id']}: {first.get('name')!r} ({'thing' if first.get('isthing') == 1 else 'stuff'}) in the "
+            f"ground truth, {there} in the job's label map); predictions are scored by category id")
+
+
 def _notes(evaluation: Evaluation) -> list[str]:
     notes = []
     if evaluation.missing:
@@ -366,9 +381,15 @@ def evaluate_command(gt_json, gt_folder, job_id, pred_json, pred_folder, missing
     try:
         gt = load_ground_truth(gt_json, gt_folder)
         if job_id is not None:
+            from worker.labels import job_label_map
+
             from .jobstore import find_job, open_store
             store = open_store()
-            predictions = JobPredictions(store, find_job(store, job_id).id, gt)
+            job = find_job(store, job_id)
+            differences = label_map_differences(gt, job_label_map(store, job))
+            if differences:
+                click.echo(f"note: {printable(differences)}", err=True)
+            predictions = JobPredictions(store, job.id, gt)
         else:
             predictions = FilePredictions(pred_json, pred_folder)
         evaluation = evaluate(gt, predictions, missing)

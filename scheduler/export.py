@@ -3,11 +3,12 @@
 The file is what panopticapi's ``pq_compute`` and detectron2's COCO panoptic loader read:
 ``images`` (id, file_name = the image's path relative to the job's source, width, height),
 ``annotations`` (image_id, file_name = the PNG's path relative to the PNG folder, segments_info as
-the worker wrote them) and ``categories`` (the 133 COCO panoptic categories). The PNGs are copied
+the worker wrote them) and ``categories`` (the job's label map: the 133 COCO panoptic categories
+unless it was given its own, `--categories` or the weights' own). The PNGs are copied
 (S3 or folder → the PNG folder, through storage.objects) keeping their relative paths, so names
 never collide; they are streamed, a few at a time, never all held in memory.
 
-Segments whose category is not one of the 133 (a model with random weights predicts any class
+Segments whose category is not in the label map (a model with random weights predicts any class
 index) would make the file invalid: they are turned into VOID in the copied PNG and left out of
 segments_info, and the number is reported.
 """
@@ -88,9 +89,11 @@ class _IdsFrom:
 def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None, ids_from: str | None = None,
                threads: int = THREADS) -> ExportSummary:
     from storage.objects import ObjectStoreError, join, read_bytes, write_bytes
-    from worker.categories import categories, is_known
+    from worker.labels import job_label_map
 
     job = store.job(job_id)
+    label_map = job_label_map(store, job)
+    is_known = label_map.is_known
     png_folder = png_folder or default_folder(json_uri)
     if _overlaps(png_folder, job.dest):
         raise ExportError(f"the PNG folder {png_folder} overlaps the job's destination {job.dest}: "
@@ -153,11 +156,12 @@ def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None,
         "info": {"description": f"panoptic-batch job {job.id} ({job.name})", "job_id": job.id,
                  "source": job.source, "dest": job.dest, "model": job.model, "weights": job.weights,
                  "weights_sha256": job.weights_sha256, "threshold": job.threshold,
+                 "label_map_sha256": label_map.sha256,
                  "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [dict(c) for c in categories()],
+        "categories": label_map.as_coco(),
     }
     try:
         write_bytes(json_uri, json.dumps(document).encode(), content_type="application/json")
@@ -192,7 +196,7 @@ def export_command(job_id, json_uri, png_folder, ids_from):
                + (f"left out: {left} (only succeeded images are exported)" if left else "none left out"))
     if summary.unknown_segments:
         click.echo(f"note: {summary.unknown_segments} segments in {summary.images_changed} images have categories "
-                   f"outside the 133 COCO panoptic ones; they are VOID in the export", err=True)
+                   f"outside the job's label map; they are VOID in the export", err=True)
     if summary.unmatched_ids:
         click.echo(f"note: {len(summary.unmatched_ids)} images are not in {printable(ids_from)}; they got new ids",
                    err=True)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from storage import objects
 from storage.jobs import TIMING_FIELDS, ImageRecord, JobStatus, JobStore
+from worker.labels import LabelMap, job_label_map
 
 DEFAULT_MAX_IMAGES = 200
 THUMB_SIDE = 400            # thumbnails are at most this many pixels on a side (shown at about half)
@@ -78,7 +79,8 @@ def scan_images(store: JobStore, job_id: str, max_images: int) -> Scan:
 # ---------------------------------------------------------------------------------------------
 # Pictures
 
-def _overlay_for(job: JobStatus, image: ImageRecord) -> tuple[bytes | None, Image.Image, str | None]:
+def _overlay_for(job: JobStatus, image: ImageRecord,
+                 label_map: LabelMap) -> tuple[bytes | None, Image.Image, str | None]:
     """(JPEG bytes to copy as they are, or None; the overlay as an image; a note)."""
     from worker.overlay import overlay_uri, render_overlay, OVERLAY_MAX_SIDE
     from worker.output import decode_id_png
@@ -110,7 +112,7 @@ def _overlay_for(job: JobStatus, image: ImageRecord) -> tuple[bytes | None, Imag
         alpha = 0.9
         note = f"source image unavailable ({type(exc).__name__}); segments shown on grey"
     overlay = render_overlay(source, id_map, document.get("segments_info", []), alpha=alpha,
-                             max_side=OVERLAY_MAX_SIDE)
+                             max_side=OVERLAY_MAX_SIDE, label_map=label_map)
     return None, overlay, note
 
 
@@ -122,12 +124,12 @@ def _overlay_size(width, height, max_side: int) -> tuple[int, int] | None:
     return (max(1, round(width * factor)), max(1, round(height * factor))) if factor < 1 else (width, height)
 
 
-def render_tile(job: JobStatus, image: ImageRecord, out_dir: Path) -> Tile:
+def render_tile(job: JobStatus, image: ImageRecord, out_dir: Path, label_map: LabelMap) -> Tile:
     from worker.overlay import encode_jpeg
 
     tile = Tile(image)
     try:
-        data, overlay, tile.note = _overlay_for(job, image)
+        data, overlay, tile.note = _overlay_for(job, image, label_map)
         name = f"{image.id}.jpg"
         (out_dir / "overlays" / name).write_bytes(data if data is not None else encode_jpeg(overlay))
         thumb = overlay.copy()
@@ -175,10 +177,8 @@ def _when(moment: datetime | None) -> str:
 
 
 def bar_chart_svg(rows: Sequence[dict], key: str, title: str, fmt=_short, limit: int = CHART_ROWS) -> str:
-    """A horizontal bar chart of rows[key] as inline SVG: one bar per class, in its colour,
-    the largest `limit` values."""
-    from worker.categories import color
-
+    """A horizontal bar chart of rows[key] as inline SVG: one bar per class, in its colour
+    (rows["color"]), the largest `limit` values."""
     rows = sorted((r for r in rows if r[key] > 0), key=lambda r: (-r[key], r["category_id"]))[:limit]
     label_w, bar_w, value_w, row_h, top = 150, 184, 52, 22, 30
     width = label_w + bar_w + value_w
@@ -198,7 +198,7 @@ def bar_chart_svg(rows: Sequence[dict], key: str, title: str, fmt=_short, limit:
             f'<g><title>{esc(name)}: {esc(_number(r[key]))}</title>'
             f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" class="chart-label">{esc(shown)}</text>'
             f'<rect x="{label_w}" y="{y + 3}" width="{length:.1f}" height="{row_h - 6}" rx="2" '
-            f'fill="{_hex(color(r["category_id"]))}" stroke="rgba(0,0,0,.25)"/>'
+            f'fill="{_hex(r["color"])}" stroke="rgba(0,0,0,.25)"/>'
             f'<text x="{label_w + length + 6:.1f}" y="{y + 15}" class="chart-value">{esc(fmt(r[key]))}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
@@ -262,7 +262,7 @@ footer { color: var(--muted); font-size: 12px; padding: 0 32px 24px; }
 """
 
 
-def _summary_html(job: JobStatus, scan: Scan) -> str:
+def _summary_html(job: JobStatus, scan: Scan, label_map: LabelMap) -> str:
     from .progress import format_duration
 
     done = job.succeeded + job.failed
@@ -286,6 +286,8 @@ def _summary_html(job: JobStatus, scan: Scan) -> str:
         ("source", esc(objects.mask_url(job.source))), ("destination", esc(objects.mask_url(job.dest))),
         ("model", esc(f"{job.model}, weights {objects.mask_url(job.weights)}")),
         ("weights SHA-256", esc(job.weights_sha256 or "—")),
+        ("label map", esc(f"the {len(label_map)} COCO panoptic categories" if label_map.is_coco
+                          else f"{len(label_map)} categories, SHA-256 {label_map.sha256}")),
         ("settings", esc(f"threshold {job.threshold:g}, min size {job.min_size}, max size {job.max_size}, "
                          f"batch size {job.config.get('batch_size', '—')}, overlays "
                          f"{'written by workers' if job.config.get('overlays') else 'rendered for this report'}")),
@@ -375,7 +377,8 @@ def _failed_html(failed: list[ImageRecord], count: int, job_id: str) -> str:
             f'<tbody>{rows}</tbody></table></div></section>')
 
 
-def render_html(job: JobStatus, scan: Scan, classes: list[dict], tiles: list[Tile], max_images: int) -> str:
+def render_html(job: JobStatus, scan: Scan, classes: list[dict], tiles: list[Tile], max_images: int,
+                label_map: LabelMap) -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
         ours = version("panoptic-batch")
@@ -388,16 +391,17 @@ def render_html(job: JobStatus, scan: Scan, classes: list[dict], tiles: list[Til
         f'<title>{esc(job.name)} · panoptic-batch report</title><style>{CSS}</style></head><body>'
         f'<header><h1>{esc(job.name)}</h1><div class="sub">panoptic-batch job {esc(job.id)} · '
         f'<span class="state state-{esc(job.state)}">{esc(job.state)}</span></div></header><main>'
-        + _summary_html(job, scan) + _classes_html(classes)
+        + _summary_html(job, scan, label_map) + _classes_html(classes)
         + _gallery_html(tiles, scan.counts.get("succeeded", 0), max_images)
         + _failed_html(scan.failed, job.failed, job.id)
         + f'</main><footer>Generated {esc(generated)} by panoptic-batch {esc(ours)}.</footer></body></html>\n')
 
 
 def class_rows(store: JobStore, job_id: str) -> list[dict]:
-    from worker.categories import category_name, color, isthing
-    return [{**r, "category_name": category_name(r["category_id"]), "isthing": isthing(r["category_id"]),
-             "color": color(r["category_id"])} for r in store.class_stats(job_id)]
+    """The job's per-class statistics, each class named, flagged and coloured by the job's label map."""
+    labels = job_label_map(store, store.job(job_id))
+    return [{**r, "category_name": labels.name(r["category_id"]), "isthing": labels.isthing(r["category_id"]),
+             "color": labels.color(r["category_id"])} for r in store.class_stats(job_id)]
 
 
 @dataclass
@@ -413,16 +417,17 @@ def build_report(store: JobStore, job_id: str, out_dir: Path, max_images: int = 
                  threads: int = THREADS) -> Report:
     """Write DIR/index.html, DIR/thumbs/ and DIR/overlays/ for a job; see the module docstring."""
     job = store.job(job_id)
+    label_map = job_label_map(store, job)
     scan = scan_images(store, job.id, max_images)
     classes = class_rows(store, job.id)
     out_dir = Path(out_dir)
     for sub in ("thumbs", "overlays"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="report") as pool:
-        tiles = list(pool.map(lambda image: render_tile(job, image, out_dir), scan.shown))
+        tiles = list(pool.map(lambda image: render_tile(job, image, out_dir, label_map), scan.shown))
     index = out_dir / "index.html"
     partial = out_dir / ".index.html.tmp"
-    partial.write_text(render_html(job, scan, classes, tiles, max_images), encoding="utf-8")
+    partial.write_text(render_html(job, scan, classes, tiles, max_images, label_map), encoding="utf-8")
     os.replace(partial, index)
     return Report(index, len(tiles), scan.counts.get("succeeded", 0), len(classes), sum(1 for t in tiles if t.error))
 

@@ -20,8 +20,10 @@ import numpy as np
 
 from storage import objects
 from storage.jobs import JobStore
+from worker.labels import LabelMap, LabelMapError, coco_label_map
 from worker.output import output_stem
 from worker.text import printable
+from worker.weights_source import WeightsFacts, describe_weights
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 DEFAULT_CHUNK_SIZE = 32
@@ -47,8 +49,9 @@ class SourceUnreadable(SubmitError):
     exit_code = 7
 
 
-class WeightsUnreadable(SubmitError):
-    exit_code = 4
+class LabelMapRefused(SubmitError):
+    """The label map does not fit the weights' class head (scheduler.errors.EXIT_LABEL_MAP)."""
+    exit_code = 8
 
 
 class SubmitStopped(SubmitError):
@@ -73,6 +76,7 @@ class JobSpec:
     includes: tuple[str, ...] = ()
     chunk_size: int = DEFAULT_CHUNK_SIZE
     config: dict = field(default_factory=dict)   # batch_size, max_pixels, …
+    label_map: LabelMap | None = None            # --categories; None: the weights' own, else COCO's
 
 
 def is_image_key(key: str, includes: Iterable[str] = ()) -> bool:
@@ -143,27 +147,30 @@ def check_weights_source(weights: str) -> None:
                           "query or credentials, or official; `predict` takes such a URL as it runs no job")
 
 
-def weights_identity(weights: str, model: str) -> str:
-    """What the weights are, as far as submit can tell without loading a model: the published
-    checkpoint of the variant, the seed, the content hash of a file or object, or the URL."""
-    if weights in ("official", "random"):
-        return f"{weights}:{model}"
-    if weights.startswith(("http://", "https://")):
-        return weights          # check_weights_source refused any URL that could carry a secret
-    try:
-        return "sha256:" + hashlib.sha256(objects.read_bytes(weights)).hexdigest()
-    except objects.ObjectStoreError as exc:
-        raise WeightsUnreadable(f"cannot read --weights {weights}: {exc}") from exc
+def resolve_label_map(spec: JobSpec, weights: WeightsFacts) -> LabelMap:
+    """The job's label map: --categories, else the weights' own, else COCO's; LabelMapRefused
+    when it does not fit the class head (where the head's size is known without loading it)."""
+    label_map = spec.label_map or weights.label_map or coco_label_map()
+    if weights.num_classes is not None:
+        try:
+            label_map.check_head(weights.num_classes, f"the weights ({objects.mask_url(spec.weights)})")
+        except LabelMapError as exc:
+            raise LabelMapRefused(str(exc)) from exc
+    return label_map
 
 
-def model_fingerprint(spec: JobSpec) -> str:
-    """Identifies what a result depends on: variant, weights, threshold and sizes, and whether
-    overlays were written (an image done without them is not done for a job that wants them)."""
-    identity = {"model": spec.model, "weights": weights_identity(spec.weights, spec.model),
+def model_fingerprint(spec: JobSpec, weights_identity: str, label_map: LabelMap) -> str:
+    """Identifies what a result depends on: variant, weights, threshold and sizes, the label map,
+    and whether overlays were written (an image done without them is not done for a job that
+    wants them). The COCO map and no overlays add nothing: fingerprints of jobs from before
+    either existed stay as they were."""
+    identity = {"model": spec.model, "weights": weights_identity,
                 "threshold": spec.threshold, "min_size": spec.min_size, "max_size": spec.max_size,
                 "max_pixels": spec.config.get("max_pixels")}
-    if spec.config.get("overlays"):     # only then: fingerprints of jobs without overlays stay as they were
+    if spec.config.get("overlays"):
         identity["overlays"] = True
+    if not label_map.is_coco:
+        identity["label_map"] = label_map.sha256
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -252,14 +259,15 @@ def describe_wanted(includes: Iterable[str] = ()) -> str:
 
 
 def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], None], force: bool = False,
-           before_recording: Callable[[], None] | None = None) -> str:
+           before_recording: Callable[[LabelMap], None] | None = None) -> str:
     """Record the job and its images and call `enqueue(job_id, image_ids)` once per chunk.
 
     Unless `force`, images that succeeded before from the same SOURCE to the same DEST with the
     same model fingerprint, and whose ETag has not changed since, are skipped (nightly runs).
 
     Nothing is recorded when the locations are wrong, SOURCE cannot be listed or holds no images,
-    or `before_recording()` (the caller's checks: broker, weights) raises. When `enqueue` fails
+    the weights cannot be had, the label map does not fit them, or `before_recording(label_map)`
+    (the caller's checks: broker, loading the model with the job's label map) raises. When `enqueue` fails
     after the job was recorded, the job is removed if nothing was queued yet, else its pending
     images are failed with the reason (`retry` queues them again); SubmitStopped says which."""
     check_location_syntax("SOURCE", spec.source)
@@ -281,13 +289,16 @@ def submit(store: JobStore, spec: JobSpec, enqueue: Callable[[str, list[int]], N
         raise SourceNotFound(f"no images under SOURCE {printable(objects.mask_url(spec.source))} "
                              f"({describe_wanted(spec.includes)}): check SOURCE (a mistyped prefix?) and --include; "
                              "nothing was recorded")
+    weights = describe_weights(spec.weights, spec.model)
+    label_map = resolve_label_map(spec, weights)
     if before_recording is not None:
-        before_recording()
-    fingerprint = model_fingerprint(spec)
+        before_recording(label_map)
+    fingerprint = model_fingerprint(spec, weights.identity, label_map)
     job_id = store.create_job(name=spec.name or spec.source, source=spec.source, dest=spec.dest,
                               model=spec.model, weights=spec.weights, threshold=spec.threshold,
                               min_size=spec.min_size, max_size=spec.max_size,
-                              config={**spec.config, "fingerprint": fingerprint, "force": force})
+                              config={**spec.config, "fingerprint": fingerprint, "force": force},
+                              label_map=None if label_map.is_coco else (label_map.sha256, label_map.as_coco()))
     queued = 0
 
     def enqueue_counted(job: str, ids: list[int]) -> None:

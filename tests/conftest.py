@@ -169,3 +169,11 @@ def db_url(request, tmp_path):
         return
     yield f"sqlite:///{tmp_path / 'jobs.db'}"
     storage_db.dispose_all()
+
+
+@pytest.fixture(scope="session")
+def twenty_classes(tmp_path_factory):
+    """(checkpoint path, state dict, label map path) of a detr-r50 with 20 classes of its own
+    (tests/twenty_classes.py)."""
+    from tests.twenty_classes import write_checkpoint
+    return write_checkpoint(tmp_path_factory.mktemp("twenty-classes"))

@@ -1,11 +1,11 @@
 """Checkpoints with their own classes: the class head's size from the checkpoint, safetensors files,
-the label-map/head check, and `predict --categories` end to end with a 20-category model."""
+the label-map/head check, and `predict --categories` end to end with a 20-category model (jobs with
+such a model: tests/test_job_label_maps.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,19 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.test_cli import panoptic_batch
+from tests.twenty_classes import CATEGORIES, NUM_CLASSES, VARIANT, WATER
 from worker.config import ModelConfig
 from worker.labels import LabelMap, LabelMapError
 from worker.model import WeightsError, create_model
 from worker.predictor import Predictor
-
-VARIANT = "detr-r50"
-# Twenty categories with ids 1..20, as a dataset annotated from 1 would have them: DETR then
-# builds num_classes = 21 (ids 0..20) and a class head of 22 rows (with "no object").
-CATEGORIES = [{"id": i, "name": f"part-{i}", "isthing": int(i <= 12), "color": [10 * i, 255 - 10 * i, 7],
-               "supercategory": "parts"} for i in range(1, 21)]
-CATEGORIES[15 - 1].update(name="water", isthing=0)          # id 15: stuff
-NUM_CLASSES = 21
-WATER = 15
 
 
 @pytest.fixture(autouse=True)
@@ -34,25 +26,8 @@ def private_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
-@pytest.fixture(scope="module")
-def twenty(tmp_path_factory):
-    """(checkpoint path, its state dict, label map path): a 21-id head whose every query is confident
-    in id 15, so that the (collapsed) random model's output is known: one "water" segment."""
-    folder = tmp_path_factory.mktemp("twenty")
-    state = create_model(VARIANT, seed=2, num_classes=NUM_CLASSES).state_dict()
-    assert state["detr.class_embed.weight"].shape == (NUM_CLASSES + 1, 256)
-    state["detr.class_embed.weight"].mul_(0.01)
-    state["detr.class_embed.bias"].zero_()
-    state["detr.class_embed.bias"][WATER] = 12.0
-    path = folder / "detr-r50-parts.pth"
-    torch.save({"model": state}, path)
-    categories = folder / "parts.json"
-    categories.write_text(json.dumps({"info": {}, "images": [], "annotations": [], "categories": CATEGORIES}))
-    return path, state, categories
-
-
-def test_head_size_comes_from_the_checkpoint(twenty):
-    path, state, _ = twenty
+def test_head_size_comes_from_the_checkpoint(twenty_classes):
+    path, state, _ = twenty_classes
     model = create_model(VARIANT, weights=str(path))
     assert model.num_classes == NUM_CLASSES and model.label_map is None
     assert model.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -64,8 +39,8 @@ def test_head_size_comes_from_the_checkpoint(twenty):
     assert (out["pred_logits"].argmax(-1) == WATER).all()
 
 
-def test_safetensors_checkpoint_loads_like_the_pth(twenty, tmp_path):
-    _, state, _ = twenty
+def test_safetensors_checkpoint_loads_like_the_pth(twenty_classes, tmp_path):
+    _, state, _ = twenty_classes
     path = tmp_path / "detr-r50-parts.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     model = create_model(VARIANT, weights=str(path))
@@ -76,8 +51,8 @@ def test_safetensors_checkpoint_loads_like_the_pth(twenty, tmp_path):
     assert create_model(VARIANT, weights=str(renamed)).weights_sha256 == model.weights_sha256
 
 
-def test_corrupt_safetensors_is_refused(twenty, tmp_path):
-    _, state, _ = twenty
+def test_corrupt_safetensors_is_refused(twenty_classes, tmp_path):
+    _, state, _ = twenty_classes
     path = tmp_path / "cut.safetensors"
     save_file({"detr.query_embed.weight": state["detr.query_embed.weight"]}, str(path))
     path.write_bytes(path.read_bytes()[:-100])
@@ -90,8 +65,8 @@ def _config(path, categories=None) -> ModelConfig:
                        device="cpu", threshold=0.5, min_size=64, max_size=96)
 
 
-def test_predictor_checks_the_label_map_against_the_head(twenty, tmp_path):
-    path, _, categories = twenty
+def test_predictor_checks_the_label_map_against_the_head(twenty_classes, tmp_path):
+    path, _, categories = twenty_classes
     with pytest.raises(LabelMapError, match=r"predict category ids 0\.\.20, but the label map .*names id 200"
                                             r".*--categories"):
         Predictor(_config(path))                                     # the COCO default does not fit
@@ -108,8 +83,8 @@ def test_predictor_checks_the_label_map_against_the_head(twenty, tmp_path):
     assert predictor.model_info["label_map_sha256"] == predictor.label_map.sha256
 
 
-def test_predict_with_categories_end_to_end(twenty, tmp_path):
-    path, _, categories = twenty
+def test_predict_with_categories_end_to_end(twenty_classes, tmp_path):
+    path, _, categories = twenty_classes
     image = tmp_path / "in" / "scene.jpg"
     image.parent.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(image)
@@ -126,8 +101,8 @@ def test_predict_with_categories_end_to_end(twenty, tmp_path):
     assert document["model"]["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_predict_refuses_a_head_that_is_not_coco_without_categories(twenty, tmp_path):
-    path, _, _ = twenty
+def test_predict_refuses_a_head_that_is_not_coco_without_categories(twenty_classes, tmp_path):
+    path, _, _ = twenty_classes
     image = tmp_path / "scene.png"
     Image.new("RGB", (40, 30)).save(image)
     result = panoptic_batch("predict", str(image), "--out", str(tmp_path / "out"), "--model", VARIANT,
@@ -147,19 +122,3 @@ def test_predict_refuses_a_bad_label_map_before_loading_the_model(tmp_path):
                             "--categories", str(bad))           # official: would need a download
     assert result.returncode != 0
     assert "category id 1 appears more than once" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_run_refuses_a_head_that_is_not_coco_with_the_reason(twenty, tmp_path):
-    """Jobs use the COCO categories for now: `run` loads the model first and refuses another head,
-    saying why, before recording anything."""
-    path, _, _ = twenty
-    (tmp_path / "in").mkdir()
-    Image.new("RGB", (40, 30)).save(tmp_path / "in" / "scene.png")
-    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
-    result = panoptic_batch("run", "in", "--dest", "out", "--model", VARIANT, "--weights", str(path),
-                            "--min-size", "64", "--max-size", "96", env=env, cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "predict category ids 0..20" in result.stderr and "--categories" in result.stderr
-    assert not (tmp_path / "out" / "scene.json").exists()
-    listed = panoptic_batch("status", "--json", env=env, cwd=tmp_path)
-    assert json.loads(listed.stdout) == []

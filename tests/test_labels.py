@@ -97,7 +97,7 @@ def test_head_check():
     with pytest.raises(LabelMapError, match="ends at id 20.*--categories"):
         twenty.check_head(40)                # the head predicts ids above the map's
     coco_label_map().check_head(250)
-    with pytest.raises(LabelMapError, match="names id 200.*own categories .predict --categories FILE"):
+    with pytest.raises(LabelMapError, match="names id 200.*own categories .--categories FILE"):
         coco_label_map().check_head(21)      # a non-COCO head needs its own label map
 
 

@@ -321,7 +321,8 @@ def test_weights_that_cannot_load_fail_the_images_and_are_not_read_again_for_eve
     corrupt.write_bytes(b"not a checkpoint" * 1000)
     store, job_id, chunks = _chunk_job(tmp_path, [(64, 48)] * 6, batch_size=2, weights=str(corrupt), chunk_size=2)
     loads = []
-    monkeypatch.setattr(pipeline, "Predictor", lambda config, real=pipeline.Predictor: loads.append(config) or real(config))
+    monkeypatch.setattr(pipeline, "Predictor",
+                        lambda config, *rest, real=pipeline.Predictor: loads.append(config) or real(config, *rest))
     processor = pipeline.ChunkProcessor(store, device="cpu")
     outcomes = [o for job, ids in chunks for o in processor.process(job, ids)]
     assert len(chunks) == 3 and len(outcomes) == 6 and not any(o.ok for o in outcomes)

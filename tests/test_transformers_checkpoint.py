@@ -25,6 +25,7 @@ from worker.labels import coco_label_map
 from worker.model import WeightsError, create_model
 from worker.model.transformers_checkpoint import CheckpointError, architecture, label_map
 from worker.predictor import Predictor
+from worker.weights_source import WeightsUnavailable, describe_weights
 
 SIZE = (96, 128)
 SMALL = (64, 96)          # the second image, padded to SIZE: padding reaches every stage
@@ -178,8 +179,14 @@ def test_s3_prefix_loads_like_the_folder(own_categories, s3_bucket):
         assert remote.weights_sha256 == local.weights_sha256
         assert remote.label_map.sha256 == local.label_map.sha256
         assert all(torch.equal(v, local.state_dict()[k]) for k, v in remote.state_dict().items())
+        # what `submit` sees without torch: the same label map, the files' hashes
+        described = describe_weights(prefix, variant)
+        assert described.label_map == local.label_map and described.num_classes == local.num_classes
+        assert described.identity.startswith(f"sha256:{local.weights_sha256}+config:")
     with pytest.raises(WeightsError, match="models/nothing.*(no such|NoSuchKey|404)"):
         create_model(variant, weights=f"s3://{s3_bucket}/models/nothing")
+    with pytest.raises(WeightsUnavailable, match="cannot read --weights .*models/nothing"):
+        describe_weights(f"s3://{s3_bucket}/models/nothing", variant)
     with pytest.raises(WeightsError, match="has no config.json"):
         create_model(variant, weights=f"s3://{s3_bucket}/models/nothing/")
 
@@ -247,25 +254,26 @@ def test_folder_problems_are_explained(saved, tmp_path):
         create_model(variant, weights=str(learned))
 
 
-def test_predict_uses_the_checkpoints_categories_and_jobs_refuse_the_folder(own_categories, tmp_path):
+def test_predict_and_jobs_use_the_checkpoints_categories(own_categories, tmp_path):
     variant, folder, _ = own_categories
     (tmp_path / "in").mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
-    result = panoptic_batch("predict", str(tmp_path / "in" / "a.png"), "--out", str(tmp_path / "pred"),
-                            "--model", variant, "--weights", str(folder), "--min-size", "64", "--max-size", "96",
-                            "--threshold", "0")
+    options = ["--model", variant, "--weights", str(folder), "--min-size", "64", "--max-size", "96", "--threshold", "0"]
+    result = panoptic_batch("predict", str(tmp_path / "in" / "a.png"), "--out", str(tmp_path / "pred"), *options)
     assert result.returncode == 0, result.stderr
     document = json.loads((tmp_path / "pred" / "a.json").read_text())
     assert document["segments_info"], "threshold 0 keeps queries"
     for segment in document["segments_info"]:
         assert 0 <= segment["category_id"] < 20
         assert segment["category_name"] == CUSTOM[segment["category_id"]] and segment["isthing"] is True
-    # jobs (which record and export COCO categories only, for now) refuse the folder before starting
+    # a job of the folder records its id2label as the job's label map: the same result, the same names in stats
     env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
-    result = panoptic_batch("run", "in", "--dest", "out", "--model", variant, "--weights", str(folder),
-                            env=env, cwd=tmp_path)
-    assert result.returncode != 0 and str(folder) in result.stderr, result.stderr
-    assert not (tmp_path / "out").exists()
+    result = panoptic_batch("run", "in", "--dest", "out", *options, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "a.json").read_text())["segments_info"] == document["segments_info"]
+    stats = panoptic_batch("stats", result.stdout.strip().splitlines()[-1], "--json", env=env, cwd=tmp_path)
+    assert {(r["category_id"], r["category_name"]) for r in json.loads(stats.stdout)} == \
+        {(s["category_id"], s["category_name"]) for s in document["segments_info"]}
 
 
 @pytest.mark.parametrize("timm", [True, False], ids=["timm", "transformers-resnet"])

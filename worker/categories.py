@@ -1,8 +1,9 @@
 """The 133 COCO panoptic categories: the default label map (`worker.labels.coco_label_map`).
 
-Helpers for code that shows COCO results (export, report, overlays). Thing/stuff, names and
-colours come from the label map, which also answers for ids it lacks (a model with random weights
-can predict any index): see worker/labels.py.
+Shortcuts to that map's names, flags and colours. Code that shows a job's results (stats, export,
+report, overlays) asks the job's own map instead (worker.labels.job_label_map), which is this one
+unless the job was given another. A map also answers for ids it lacks (a model with random
+weights can predict any index): see worker/labels.py.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["Category", "LabelMap", "LabelMapError", "coco_label_map", "DETR_PANOPTIC_CLASSES"]
+__all__ = ["Category", "LabelMap", "LabelMapError", "coco_label_map", "job_label_map", "DETR_PANOPTIC_CLASSES"]
 
 # DETR's panoptic training sets num_classes = 250 whatever the dataset ("large enough to hold the
 # largest id + 1"), so its heads have 251 outputs; a head built from a dataset has max id + 2.
@@ -146,6 +146,18 @@ class LabelMap:
     def __len__(self) -> int:
         return len(self._categories)
 
+    # Maps are equal when they name the same ids alike (their SHA-256), wherever they were read.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LabelMap) and other.sha256 == self.sha256
+
+    def __hash__(self) -> int:
+        return hash(self.sha256)
+
+    @property
+    def is_coco(self) -> bool:
+        """Whether this is the default map, the 133 COCO panoptic categories."""
+        return self == coco_label_map()
+
     def is_known(self, category_id: int) -> bool:
         return int(category_id) in self._by_id
 
@@ -192,12 +204,12 @@ class LabelMap:
             raise LabelMapError(
                 f"{weights} predict category ids 0..{num_classes - 1}, but the label map {self.source} "
                 f"names id {self.max_id}: the weights were not trained with these categories"
-                + ("" if self.source != COCO_SOURCE else ": give the model's own categories (predict --categories FILE)"))
+                + ("" if self.source != COCO_SOURCE else ": give the model's own categories (--categories FILE)"))
         if num_classes != self.max_id + 1 and num_classes != DETR_PANOPTIC_CLASSES:
             raise LabelMapError(
                 f"{weights} predict category ids 0..{num_classes - 1}, but the label map {self.source} ends at "
                 f"id {self.max_id} (a head trained on it has {self.max_id + 2} outputs, or 251 with DETR's "
-                f"panoptic default): give the model's own categories (predict --categories FILE)")
+                f"panoptic default): give the model's own categories (--categories FILE)")
 
 
 COCO_SOURCE = "COCO panoptic (default)"
@@ -208,3 +220,20 @@ def coco_label_map() -> LabelMap:
     """The 133 COCO panoptic categories: the default label map."""
     text = resources.files(__package__).joinpath("panoptic_coco_categories.json").read_text(encoding="utf-8")
     return LabelMap.from_categories(json.loads(text), COCO_SOURCE)
+
+
+_stored_maps: dict[str, LabelMap] = {}      # by SHA-256: a stored map never changes
+
+
+def job_label_map(store, job) -> LabelMap:
+    """The label map a job was recorded with: the one stored with it (storage.labelmaps), or COCO's
+    for a job without one (recorded with the default, or before label maps were stored)."""
+    sha256 = getattr(job, "label_map_sha256", None)
+    if sha256 is None:
+        return coco_label_map()
+    if sha256 not in _stored_maps:
+        categories = store.label_map_categories(sha256)
+        if categories is None:          # the foreign key makes this a broken database, not a user's mistake
+            raise LabelMapError(f"job {job.id}: its label map {sha256} is missing from the database")
+        _stored_maps[sha256] = LabelMap.from_categories(categories, f"the job's label map (SHA-256 {sha256[:12]}…)")
+    return _stored_maps[sha256]

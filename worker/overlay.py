@@ -1,6 +1,7 @@
 """Coloured panoptic overlays: a source image with its segments painted over it.
 
-Each segment is filled semi-transparently in its COCO category colour (``worker.categories``);
+Each segment is filled semi-transparently in its category's colour from the label map (the job's;
+COCO's by default, ``worker.labels``);
 instances of one thing class get different shades of that colour, so that two adjacent people
 are told apart. Segment borders are drawn, and each segment large enough to hold one gets a
 label with its category name, placed at the segment's most interior point (the pixel farthest
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .categories import category_name, color, isthing
+from .labels import LabelMap, coco_label_map
 from .output import decode_id_png
 
 log = logging.getLogger(__name__)
@@ -67,19 +68,22 @@ def shade(rgb: Sequence[int], amount: float) -> tuple[int, int, int]:
     return tuple(int(v) for v in np.clip(np.rint(c), 0, 255))
 
 
-def segment_colors(segments_info: Sequence[Mapping]) -> dict[int, tuple[int, int, int]]:
-    """Segment id → display colour: the category colour for stuff; for things, the category
-    colour shaded per instance (in segment id order), so instances of one class differ."""
+def segment_colors(segments_info: Sequence[Mapping],
+                   label_map: LabelMap | None = None) -> dict[int, tuple[int, int, int]]:
+    """Segment id → display colour: the category colour (from `label_map`, default COCO's) for
+    stuff; for things, the category colour shaded per instance (in segment id order), so
+    instances of one class differ."""
+    label_map = label_map or coco_label_map()
     colors: dict[int, tuple[int, int, int]] = {}
     seen: dict[int, int] = {}
     for segment in sorted(segments_info, key=lambda s: int(s["id"])):
         if int(segment["id"]) <= 0:        # 0 is void, never a segment
             continue
         category = int(segment["category_id"])
-        base = color(category)
+        base = label_map.color(category)
         thing = segment.get("isthing")
         if thing is None:
-            thing = isthing(category)
+            thing = label_map.isthing(category)
         if thing:
             k = seen.get(category, 0)
             seen[category] = k + 1
@@ -196,9 +200,11 @@ def _rows(start: int, stop: int, step: float) -> slice:
 
 
 def label_placements(id_map: np.ndarray, segments_info: Sequence[Mapping],
-                     font_size: int | None = None) -> list[Label]:
+                     font_size: int | None = None, label_map: LabelMap | None = None) -> list[Label]:
     """Where render_overlay puts its labels: one per segment big enough to hold its text, centred
-    on the segment's most interior point and kept inside the image; tiny segments get none."""
+    on the segment's most interior point and kept inside the image; tiny segments get none.
+    The text is the segment's category_name, else its name in `label_map` (COCO's by default)."""
+    label_map = label_map or coco_label_map()
     id_map = np.asarray(id_map)
     h, w = id_map.shape
     segments_info = [s for s in segments_info if int(s["id"]) > 0]
@@ -217,7 +223,7 @@ def label_placements(id_map: np.ndarray, segments_info: Sequence[Mapping],
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     for segment in sorted(segments_info, key=lambda s: int(s["id"])):
         k = int(np.searchsorted(ids, int(segment["id"]))) + 1
-        text = str(segment.get("category_name") or category_name(int(segment["category_id"])))
+        text = str(segment.get("category_name") or label_map.name(int(segment["category_id"])))
         x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=font)
         box_w, box_h = (x1 - x0) + 2 * pad, (y1 - y0) + 2 * pad
         inner = depth[k] * min(sx, sy)       # distance from the interior point to the border, in pixels
@@ -247,14 +253,15 @@ def _as_rgb_array(image: Image.Image | np.ndarray, size: tuple[int, int]) -> np.
 
 def render_overlay(image: Image.Image | np.ndarray, id_map: np.ndarray, segments_info: Sequence[Mapping], *,
                    alpha: float = DEFAULT_ALPHA, borders: bool = True, labels: bool = True,
-                   max_side: int | None = None) -> Image.Image:
+                   max_side: int | None = None, label_map: LabelMap | None = None) -> Image.Image:
     """The image with its panoptic segments painted over it, as a new RGB image.
 
     `id_map` is the int [H, W] map of segment ids (0 = void); `segments_info` the result's
     segments (id, category_id, and optionally isthing and category_name). The image is resized
     to the map's size if it differs. With `max_side`, the overlay is scaled down (the map with
     nearest neighbour) so that its longest side is at most that. Ids in the map that are not in
-    `segments_info`, and void, are left unpainted.
+    `segments_info`, and void, are left unpainted. Colours (and names and thing/stuff where the
+    segments lack them) come from `label_map`, COCO's by default.
     """
     id_map = np.asarray(id_map)
     if id_map.ndim != 2:
@@ -266,7 +273,7 @@ def render_overlay(image: Image.Image | np.ndarray, id_map: np.ndarray, segments
         h, w = id_map.shape
     pixels = _as_rgb_array(image, (w, h))
 
-    colors = segment_colors(segments_info)
+    colors = segment_colors(segments_info, label_map)
     ids = np.array(sorted(colors), dtype=np.int64)
     index = _segment_index(id_map, ids)
     palette = np.zeros((ids.size + 1, 3), np.float32)
@@ -285,7 +292,7 @@ def render_overlay(image: Image.Image | np.ndarray, id_map: np.ndarray, segments
 
     if labels and ids.size:
         size = font_size_for(h, w)
-        placed = label_placements(id_map, segments_info, size)
+        placed = label_placements(id_map, segments_info, size, label_map)
         if placed:
             font = label_font(size)
             layer = Image.new("RGBA", result.size, (0, 0, 0, 0))
@@ -305,13 +312,14 @@ def encode_jpeg(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
 
 
 def overlay_jpeg(image: Image.Image | np.ndarray, id_map: np.ndarray, segments_info: Sequence[Mapping],
-                 max_side: int | None = OVERLAY_MAX_SIDE, quality: int = JPEG_QUALITY) -> bytes:
+                 max_side: int | None = OVERLAY_MAX_SIDE, quality: int = JPEG_QUALITY,
+                 label_map: LabelMap | None = None) -> bytes:
     """render_overlay as JPEG bytes (the `<stem>.overlay.jpg` that `--overlays` writes)."""
-    return encode_jpeg(render_overlay(image, id_map, segments_info, max_side=max_side), quality)
+    return encode_jpeg(render_overlay(image, id_map, segments_info, max_side=max_side, label_map=label_map), quality)
 
 
 def overlay_from_outputs(image_bytes: bytes, png_bytes: bytes, json_bytes: bytes | str,
-                         max_side: int | None = OVERLAY_MAX_SIDE) -> Image.Image:
+                         max_side: int | None = OVERLAY_MAX_SIDE, label_map: LabelMap | None = None) -> Image.Image:
     """An overlay rebuilt from a result's files: the source image's bytes, the panoptic PNG and
     the JSON document beside it."""
     from .preprocess import decode_image
@@ -321,7 +329,7 @@ def overlay_from_outputs(image_bytes: bytes, png_bytes: bytes, json_bytes: bytes
     h, w = id_map.shape
     # The result was made from this image, so it is allowed at least the result's size.
     image = decode_image(image_bytes, max_pixels=max(h * w, 1) * 4, max_bytes=None)
-    return render_overlay(image, id_map, document.get("segments_info", []), max_side=max_side)
+    return render_overlay(image, id_map, document.get("segments_info", []), max_side=max_side, label_map=label_map)
 
 
 OVERLAY_SUFFIX = ".overlay.jpg"
@@ -334,7 +342,7 @@ def overlay_uri(dest: str, stem: str) -> str:
 
 
 def write_overlay(dest: str, stem: str, image: Image.Image, id_map: np.ndarray,
-                  segments_info: Sequence[Mapping]) -> bool:
+                  segments_info: Sequence[Mapping], label_map: LabelMap | None = None) -> bool:
     """Render and write DEST/<stem>.overlay.jpg (transient store errors retried); True if written.
 
     Called after the image's PNG and JSON are written. The overlay is a view of the result, not
@@ -347,7 +355,7 @@ def write_overlay(dest: str, stem: str, image: Image.Image, id_map: np.ndarray,
 
     uri = overlay_uri(dest, stem)
     try:
-        data = overlay_jpeg(image, id_map, segments_info)
+        data = overlay_jpeg(image, id_map, segments_info, label_map=label_map)
         retry_transient(lambda: objects.write_bytes(uri, data, content_type="image/jpeg"), what=f"write {uri}")
         return True
     except Exception as exc:           # noqa: BLE001 - any failure here must leave the result alone

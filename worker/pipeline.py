@@ -36,6 +36,7 @@ from storage.retry import retry_transient
 from . import metrics
 from .batching import AspectBatcher
 from .budget import PixelBudget, max_decoded_pixels, pixels_of
+from .labels import LabelMap, job_label_map
 from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
@@ -219,36 +220,42 @@ class ChunkProcessor:
     # has not run, as for a cancelled job.
     stop: threading.Event | None = None
     _predictor: Predictor | None = field(default=None, init=False, repr=False)
-    _load_failure: tuple[ModelConfig, str, float] | None = field(default=None, init=False, repr=False)
+    _load_failure: tuple[tuple[ModelConfig, LabelMap], str, float] | None = field(default=None, init=False, repr=False)
     # The chunk's decoded pixels in flight (worker.budget); a fresh one per chunk.
     _budget: PixelBudget = field(default_factory=PixelBudget, init=False, repr=False)
 
-    def predictor_for(self, job) -> Predictor:
+    def predictor_for(self, job, label_map: LabelMap | None = None) -> Predictor:
+        """The model for the job's settings (loaded once, kept while they stay the same), naming
+        class ids with `label_map`, else the job's own (worker.labels.job_label_map)."""
+        label_map = label_map or job_label_map(self.store, job)
         config = ModelConfig(model=job.model, weights=job.weights, threshold=job.threshold,
                              min_size=job.min_size, max_size=job.max_size,
                              max_pixels=job.config.get("max_pixels", ModelConfig.max_pixels),
                              max_bytes=job.config.get("max_bytes", ModelConfig.max_bytes),
                              batch_size=job.config.get("batch_size", "auto"),
                              device=self.device, precision=self.precision)
-        if self._predictor is None or self._predictor.config != config:
-            if self._predictor is not None:
-                self._predictor.close()
-            self._predictor = None          # free the old model before loading the next
-            failure = self._load_failure
-            if failure and failure[0] == config and time.monotonic() - failure[2] < LOAD_FAILURE_MEMORY_SECONDS:
-                raise WeightsError(failure[1])
-            started = time.perf_counter()
-            try:
-                self._predictor = Predictor(config)
-            except (WeightsError, ValueError) as exc:
-                self._load_failure = (config, str(exc), time.monotonic())
-                raise
-            except Exception as exc:
-                if is_device_failure(exc):
-                    raise DeviceFailure(f"loading the model: {exc}") from exc
-                raise
-            self._load_failure = None
-            metrics.model_loaded(config.model, time.perf_counter() - started)
+        if self._predictor is not None and self._predictor.config == config:
+            self._predictor.use_label_map(label_map)        # the same model; this job's names
+            return self._predictor
+        if self._predictor is not None:
+            self._predictor.close()
+        self._predictor = None          # free the old model before loading the next
+        failure = self._load_failure
+        if (failure and failure[0] == (config, label_map)
+                and time.monotonic() - failure[2] < LOAD_FAILURE_MEMORY_SECONDS):
+            raise WeightsError(failure[1])
+        started = time.perf_counter()
+        try:
+            self._predictor = Predictor(config, label_map)
+        except (WeightsError, ValueError) as exc:
+            self._load_failure = ((config, label_map), str(exc), time.monotonic())
+            raise
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise DeviceFailure(f"loading the model: {exc}") from exc
+            raise
+        self._load_failure = None
+        metrics.model_loaded(config.model, time.perf_counter() - started)
         return self._predictor
 
     def process(self, job_id: str, image_ids: list[int]) -> list[ImageOutcome]:
@@ -540,6 +547,7 @@ class ChunkProcessor:
         # image, and its rendering does not count as upload time.
         try:
             if job.config.get("overlays") and recorded:
-                write_overlay(job.dest, stem, d.image.pil(), result["id_map"], result["segments_info"])
+                write_overlay(job.dest, stem, d.image.pil(), result["id_map"], result["segments_info"],
+                              job_label_map(self.store, job))
         finally:
             self._budget.release(d.image_id)        # its pixels are no longer needed

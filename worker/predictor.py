@@ -97,7 +97,7 @@ def check_device(device: str, precision: str) -> torch.device:
 
 
 class Predictor:
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, label_map: LabelMap | None = None):
         if not 0.0 <= config.threshold < 1.0:
             raise ValueError(f"--threshold must be in [0, 1), not {config.threshold}")
         self.config = config
@@ -105,14 +105,13 @@ class Predictor:
         self.batch_size = resolve_batch_size(config.batch_size, self.device)
         self.batches_in_flight = batches_in_flight()
         threads = postprocess_threads()
-        # The label map: the file given (--categories; read first, so a bad one fails fast), else the
-        # one that came with the weights (a transformers id2label), else COCO's. One that does not
-        # fit the class head is refused (LabelMapError, a ValueError).
-        given = LabelMap.load(config.categories) if config.categories else None
-        model = create_model(config.model, weights=config.weights)
-        self.label_map: LabelMap = given or model.label_map or coco_label_map()
-        self.label_map.check_head(model.num_classes, f"the weights ({mask_url(config.weights)})")
-        self.model = model.to(self.device)
+        # The label map: the one given (a job's), or the file given (--categories; read first, so a
+        # bad one fails fast), else the one that came with the weights (a transformers id2label),
+        # else COCO's. One that does not fit the class head is refused (LabelMapError, a ValueError).
+        given = label_map or (LabelMap.load(config.categories) if config.categories else None)
+        self.model = create_model(config.model, weights=config.weights)
+        self.use_label_map(given)
+        self.model = self.model.to(self.device)
         # Inference-only speed-ups, the same function up to float rounding: batch norms folded
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
         # On the CPU only the backbone goes NHWC: the mask head's group norms are slower so.
@@ -129,6 +128,14 @@ class Predictor:
             # with each image size and each batch's count of kept queries. On an H200 with eight
             # COCO-like sizes it stalled a run for minutes (BENCHMARKS.md).
             self._postprocess_pool = ThreadPoolExecutor(threads, thread_name_prefix="postprocess")
+
+    def use_label_map(self, label_map: LabelMap | None) -> None:
+        """Name the class ids with `label_map` (None: the weights' own, else COCO's) from the next
+        batch on (a worker's jobs may each have their own); LabelMapError when it does not fit
+        the class head."""
+        label_map = label_map or self.model.label_map or coco_label_map()
+        label_map.check_head(self.model.num_classes, f"the weights ({mask_url(self.config.weights)})")
+        self.label_map: LabelMap = label_map
 
     def set_memory_format(self, memory_format: torch.memory_format) -> None:
         """The layout of the model's activations: channels_last (the default, see above) or

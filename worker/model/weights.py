@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +27,9 @@ import torch
 from storage.objects import redact_urls, without_secrets
 
 from ..config import VARIANTS, VariantSpec
-from ..weights_source import WEIGHTS_CHOICES, local_weights_path, url_cache_name
+from ..weights_source import WEIGHTS_CHOICES, folder_reader, is_safetensors, local_weights_path, url_cache_name
 from ..labels import LabelMap
+from ..transformers_config import CONFIG_FILE, CheckpointError, read_checkpoint_folder
 from . import transformers_checkpoint
 
 RANDOM_SEED = 0
@@ -60,13 +59,6 @@ def sha256_of_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_safetensors(data: bytes) -> bool:
-    """A safetensors file: an 8-byte little-endian header length, then that many bytes of JSON."""
-    if len(data) < 10 or data[8:10] != b'{"':
-        return False
-    return 8 + struct.unpack("<Q", data[:8])[0] <= len(data)
-
-
 def _safetensors_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -77,7 +69,7 @@ def _safetensors_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]
 
 
 def _state_dict_from_bytes(data: bytes, source: str) -> dict[str, torch.Tensor]:
-    if _is_safetensors(data):
+    if is_safetensors(data):
         return _safetensors_state_dict(data, source)
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -139,13 +131,13 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
         data = _download_url(source).read_bytes()
     elif source.startswith("s3://"):
         from storage.objects import ObjectNotFound, ObjectStoreError, read_bytes  # the only code that talks to S3
-        read_prefix = _s3_reader(source)
+        read_prefix = folder_reader(source, WeightsError)
         try:
             if source.endswith("/"):
                 return _load_transformers_folder(shown, shown, variant, read_prefix)
             data = read_bytes(source)
         except ObjectNotFound as exc:
-            if read_prefix(transformers_checkpoint.CONFIG_FILE) is None:   # nor a checkpoint's prefix
+            if read_prefix(CONFIG_FILE) is None:   # nor a checkpoint's prefix
                 raise WeightsError(f"cannot read weights from {shown}: {exc}") from exc
             return _load_transformers_folder(shown, shown, variant, read_prefix)
         except ObjectStoreError as exc:
@@ -153,7 +145,7 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
     else:
         path = local_weights_path(source)
         if path.is_dir():
-            return _load_transformers_folder(str(path), shown, variant, _local_reader(path))
+            return _load_transformers_folder(str(path), shown, variant, folder_reader(str(path)))
         if not path.is_file():
             raise WeightsError(f"weights file {path} does not exist ({WEIGHTS_CHOICES})")
         data = path.read_bytes()
@@ -164,62 +156,17 @@ def _load_transformers_folder(location: str, source: str, variant: str, read) ->
     """A transformers `DetrForSegmentation` checkpoint in a folder or S3 prefix (`read(name)` gives
     a file's bytes, None where it is missing): its config is checked against `variant`, its
     parameters renamed to ours; its id2label becomes the weights' label map."""
-    config_name = transformers_checkpoint.CONFIG_FILE
-    config_bytes = read(config_name)
-    if config_bytes is None:
-        raise WeightsError(f"weights folder {location} has no {config_name}: a folder must hold a transformers "
-                           f"DetrForSegmentation checkpoint (config.json + model.safetensors or pytorch_model.bin)")
-    where = f"{location.rstrip('/')}/{config_name}"
     try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"cannot read {where}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise WeightsError(f"{where} is not a JSON object")
-    try:
-        arch = transformers_checkpoint.architecture(config, where)
-        label_map = transformers_checkpoint.label_map(config, where)
-    except transformers_checkpoint.CheckpointError as exc:
+        folder = read_checkpoint_folder(read, location, source, variant)
+    except CheckpointError as exc:
         raise WeightsError(str(exc)) from exc
-    matching = [v.name for v in VARIANTS.values() if (v.depth, v.dilation) == (arch.depth, arch.dilation)]
-    if matching != [variant]:
-        raise WeightsError(f"{source} is a {matching[0]} checkpoint (ResNet-{arch.depth}"
-                           f"{', dilated' if arch.dilation else ''}): pass --model {matching[0]}")
-    for name in transformers_checkpoint.WEIGHT_FILES:
-        data = read(name)
-        if data is not None:
-            break
-    else:
-        sharded = any(read(f"{name}.index.json") is not None for name in transformers_checkpoint.WEIGHT_FILES)
-        raise WeightsError(f"weights folder {location} has no {' or '.join(transformers_checkpoint.WEIGHT_FILES)}"
-                           + (" (sharded checkpoints are not supported)" if sharded else ""))
-    path = f"{location.rstrip('/')}/{name}"
-    raw = _safetensors_state_dict(data, path) if name.endswith(".safetensors") else _state_dict_from_bytes(data, path)
+    path, data = folder.weights_path, folder.weights
+    raw = _safetensors_state_dict(data, path) if path.endswith(".safetensors") else _state_dict_from_bytes(data, path)
     try:
-        state_dict = transformers_checkpoint.convert_state_dict(raw, arch)
-    except transformers_checkpoint.CheckpointError as exc:
+        state_dict = transformers_checkpoint.convert_state_dict(raw, folder.architecture)
+    except CheckpointError as exc:
         raise WeightsError(f"cannot map {path} onto {variant}: {exc}") from exc
-    return LoadedWeights(state_dict, hashlib.sha256(data).hexdigest(), source, label_map)
-
-
-def _local_reader(folder: Path):
-    def read(name: str) -> bytes | None:
-        path = folder / name
-        return path.read_bytes() if path.is_file() else None
-    return read
-
-
-def _s3_reader(prefix: str):
-    from storage.objects import ObjectNotFound, ObjectStoreError, join, read_bytes
-
-    def read(name: str) -> bytes | None:
-        try:
-            return read_bytes(join(prefix, name))
-        except ObjectNotFound:
-            return None
-        except ObjectStoreError as exc:
-            raise WeightsError(f"cannot read weights from {prefix}: {exc}") from exc
-    return read
+    return LoadedWeights(state_dict, hashlib.sha256(data).hexdigest(), source, folder.label_map)
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
