@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from worker.config import (DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE,
-                           DEFAULT_THRESHOLD, DEFAULT_VARIANT, PRECISIONS, VARIANTS, ModelConfig)
+                           DEFAULT_THRESHOLD, DEFAULT_VARIANT, PRECISIONS, VARIANTS, ModelConfig,
+                           parse_batch_size)
 from worker.queue import broker_url
 from worker.text import printable
 from storage.objects import mask_url
@@ -24,15 +25,10 @@ class BatchSizeType(click.ParamType):
     name = "N|auto"
 
     def convert(self, value, param, ctx):
-        if value == "auto" or (isinstance(value, int) and value >= 1):
-            return value
         try:
-            size = int(value)
-        except (TypeError, ValueError):
-            size = 0
-        if size < 1:
-            self.fail(f"{value!r} is neither a positive integer nor auto", param, ctx)
-        return size
+            return parse_batch_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 BATCH_SIZE = BatchSizeType()

@@ -48,6 +48,21 @@ DEFAULT_MAX_BYTES = 200_000_000
 PRECISIONS: dict[str, str | None] = {"fp32": None, "tf32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
+def parse_batch_size(value: int | str) -> int | str:
+    """A batch size as given (a positive integer, or "auto") → an int, or "auto"; a ValueError
+    that says what is wrong otherwise. The one check of a batch size, torch-free for the command
+    line; "auto" becomes a size for a device in worker.predictor.resolve_batch_size."""
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1:
+        raise ValueError(f"{value!r} is neither a positive integer nor auto")
+    return size
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides what a result looks like, plus where it runs."""
