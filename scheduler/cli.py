@@ -1,4 +1,10 @@
-"""The `panoptic-batch` command line."""
+"""The `panoptic-batch` command line.
+
+Why one file: it is the command group, the options its commands share (model_options,
+job_options) and the commands that wire those options to the modules doing the work (submit,
+dispatch, embedded, progress); commands with logic of their own (export, evaluate, report, prune)
+have their own files and are registered at the end.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Object access over URIs: the only code in panoptic-batch that talks to object stores.
 
+Why one file: each operation (read_bytes, write_bytes, stat, exists, list_objects) is one function
+over all the back ends below, sharing their URI parsing, error mapping and the masking of secrets
+in messages; split by back end or by operation, the parts would import each other's private helpers.
+
 URIs:
     ``s3://bucket/key``     S3 or any S3-compatible store, through boto3. boto3 resolves the
                             endpoint (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``), credentials
