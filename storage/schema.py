@@ -164,8 +164,8 @@ class OutputName(Base):
 
 
 class LabelMapRecord(Base):
-    """A label map, stored once however many jobs use it (storage.labelmaps): keyed by its
-    SHA-256 (worker.labels.LabelMap.sha256), its categories as a COCO panoptic list."""
+    """A label map, stored once however many jobs use it (storage.jobs.label_maps): keyed by
+    its SHA-256 (worker.labels.LabelMap.sha256), its categories as a COCO panoptic list."""
 
     __tablename__ = "label_maps"
 

@@ -523,7 +523,7 @@ def test_job_id_prefixes_and_unknown_jobs(store, monkeypatch):
     with pytest.raises(JobNotFound):
         list(store.images("0123456789ab"))
 
-    import storage.jobs as jobs_module
+    import storage.jobs.submission as jobs_module
 
     forced = iter(["abcd00000001", "abcd00000002"])
     monkeypatch.setattr(jobs_module.secrets, "token_hex", lambda n: next(forced))

@@ -38,7 +38,8 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from storage import objects
-from storage.jobs import JobStore, _retryable
+from storage.jobs import JobStore
+from storage.jobs.sql import _retryable
 from storage.retry import backoff_delay, is_transient, retry_transient
 from tests.fault_proxy import FaultProxy
 from tests.test_pipeline import (MODEL_ARGS, REDIS_URL, check_result_pair, check_stats, cli, start_worker,

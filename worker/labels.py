@@ -226,8 +226,8 @@ _stored_maps: dict[str, LabelMap] = {}      # by SHA-256: a stored map never cha
 
 
 def job_label_map(store, job) -> LabelMap:
-    """The label map a job was recorded with: the one stored with it (storage.labelmaps), or COCO's
-    for a job without one (recorded with the default, or before label maps were stored)."""
+    """The label map a job was recorded with: the one stored with it (storage.jobs.label_maps), or
+    COCO's for a job without one (recorded with the default, or before label maps were stored)."""
     sha256 = getattr(job, "label_map_sha256", None)
     if sha256 is None:
         return coco_label_map()

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, select
 
 from storage.schema import LabelMapRecord
 
-__all__ = ["record_label_map", "read_label_map"]
+from .sql import Transactions
 
 label_maps_t = LabelMapRecord.__table__
 
@@ -32,3 +32,11 @@ def record_label_map(conn: Connection, sha256: str, categories: list[dict[str, A
 def read_label_map(conn: Connection, sha256: str) -> list[dict[str, Any]] | None:
     """The categories stored under ``sha256``, or None."""
     return conn.scalar(select(label_maps_t.c.categories).where(label_maps_t.c.sha256 == sha256))
+
+
+class LabelMaps(Transactions):
+    """A job's label map, read back."""
+
+    def label_map_categories(self, sha256: str) -> list[dict[str, Any]] | None:
+        """The categories of the label map stored under ``sha256`` (a job's label_map_sha256)."""
+        return self._query(lambda conn: read_label_map(conn, sha256))
