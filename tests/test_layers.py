@@ -94,3 +94,18 @@ def test_the_graph_sees_imports_inside_functions_and_relative_imports():
     assert "worker.output" in graph["worker.postprocess"]          # from .output import encode_id_png
     assert "storage.objects" in graph["scheduler.submit"]          # from storage import objects
     assert "scheduler.dispatch" in graph["scheduler.cli"]          # inside a function: from .dispatch import …
+
+
+# A file longer than this says at its top (its first TOP_LINES lines) why it must be one file, in a
+# sentence that starts "Why one file:"; otherwise it is split by idea (as storage/jobs/ was).
+LONG_FILE_LINES = 500
+TOP_LINES = 30
+
+
+def test_a_long_file_says_at_its_top_why_it_is_one_file():
+    unexplained = []
+    for path in project_modules().values():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if len(lines) > LONG_FILE_LINES and not any("Why one file:" in line for line in lines[:TOP_LINES]):
+            unexplained.append(path.relative_to(ROOT).as_posix())
+    assert unexplained == []
