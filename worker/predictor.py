@@ -18,7 +18,7 @@ from PIL import Image
 
 from storage.objects import mask_url
 
-from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig
+from .config import DEFAULT_THRESHOLD, PRECISIONS, ModelConfig, parse_batch_size
 from .cuda_graphs import DetectorGraphs, cuda_graphs_enabled
 from .labels import LabelMap, coco_label_map
 from .model import create_model
@@ -61,12 +61,12 @@ def batches_in_flight() -> int:
 
 
 def resolve_batch_size(value: int | str, device: torch.device) -> int:
-    if value == "auto":
-        return AUTO_BATCH_SIZE.get(device.type, 1)
-    size = int(value)
-    if size < 1:
-        raise ValueError(f"--batch-size must be a positive integer or auto, not {value!r}")
-    return size
+    """A batch size as given (worker.config.parse_batch_size checks it) → images per pass on `device`."""
+    try:
+        size = parse_batch_size(value)
+    except ValueError as exc:
+        raise ValueError(f"--batch-size: {exc}") from None
+    return AUTO_BATCH_SIZE.get(device.type, 1) if size == "auto" else size
 
 
 def resolve_device(name: str) -> torch.device:
