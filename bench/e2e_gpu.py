@@ -212,11 +212,17 @@ def run_job(args, source: Path, n: int, precision: str, batch_size: int, weights
 def stage_medians(database: Path) -> dict[str, float]:
     """The medians of the per-image timings `run` recorded (decode, model, postprocess, upload ms):
     where an image's time went, as the product itself measures it."""
-    import sqlite3
+    from sqlalchemy import create_engine, select
 
     from storage.jobs import TIMING_FIELDS
-    with sqlite3.connect(database) as db:
-        rows = db.execute(f"SELECT {', '.join(TIMING_FIELDS)} FROM images WHERE state = 'succeeded'").fetchall()
+    from storage.schema import Image
+    engine = create_engine(f"sqlite:///{database}")
+    try:
+        with engine.connect() as db:
+            rows = db.execute(select(*(getattr(Image, name) for name in TIMING_FIELDS))
+                              .where(Image.state == "succeeded")).all()
+    finally:
+        engine.dispose()
     return {name: statistics.median(r[i] for r in rows if r[i] is not None)
             for i, name in enumerate(TIMING_FIELDS) if any(r[i] is not None for r in rows)}
 
