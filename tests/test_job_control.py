@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import time
+from datetime import timedelta
 
 import boto3
 import numpy as np
 from PIL import Image
+from sqlalchemy import update
 
+from storage import schema
 from storage.jobs import JobStore
 
 from .test_pipeline import MODEL_ARGS, cli, exe, start_worker, stop_worker, wait_finished
@@ -34,18 +37,30 @@ def status_of(job_id, env, cwd=None) -> dict:
     return json.loads(result.stdout)
 
 
-def test_nightly_resubmission_skips_unchanged_images(tmp_path):
+def test_nightly_resubmission_skips_unchanged_images(tmp_path, monkeypatch, request):
+    # In this process (CliRunner): eight runs as subprocesses spent most of their time importing
+    # torch; the console script's own path is run by the other tests here and in test_pipeline.
+    from click.testing import CliRunner
+
+    from scheduler.cli import main
+    from storage import db as storage_db
+
     source, dest = tmp_path / "in", tmp_path / "out"
     source.mkdir()
     for i in range(4):
         (source / f"img{i}.png").write_bytes(png_bytes(i))
-    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+    monkeypatch.chdir(tmp_path)                             # the default database: ./panoptic-batch.db
+    monkeypatch.delenv("PANOPTIC_DATABASE_URL", raising=False)
+    request.addfinalizer(storage_db.dispose_all)
+
+    def invoke(*args) -> str:
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 0, result.output
+        return result.stdout
 
     def run(*extra):
-        result = run_json("run", str(source), "--dest", str(dest), *MODEL_ARGS, *extra, env=env, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        job_id = result.stdout.strip().splitlines()[-1]
-        return status_of(job_id, env, tmp_path)
+        job_id = invoke("run", str(source), "--dest", str(dest), *MODEL_ARGS, *extra).strip().splitlines()[-1]
+        return json.loads(invoke("status", job_id, "--json"))
 
     first = run()
     assert (first["total"], first["succeeded"], first["skipped"]) == (4, 4, 0)
@@ -124,13 +139,23 @@ def test_reaper_requeues_images_of_a_lost_worker(tmp_path, pg_database_url, s3_s
     job_id = result.stdout.strip().splitlines()[-1]
     store = JobStore(pg_database_url)
     (image,) = list(store.images(job_id))
-    lease = 20.0
-    claimed_at = time.monotonic()
-    assert store.claim(image.id, "a-worker-that-dies", lease_seconds=lease) is not None
+    # A lease that outlasts the worker's start however busy the machine is; it is made to run out
+    # below, once the worker has met the claim.
+    assert store.claim(image.id, "a-worker-that-dies", lease_seconds=3600) is not None
     # The original message is still queued; its worker finds the image claimed and skips it…
-    worker = start_worker(env, queue, tmp_path / "worker.log")
+    # (Its own reaper is kept out of the way: `reap` below must be the one that finds the image.)
+    log = tmp_path / "worker.log"
+    worker = start_worker(dict(env, PANOPTIC_REAP_INTERVAL="3600"), queue, log)
     try:
-        time.sleep(max(0.0, lease + 1 - (time.monotonic() - claimed_at)))
+        deadline = time.monotonic() + 300
+        while "chunk finished" not in log.read_text(errors="replace"):
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        assert ", 1 skipped (" in log.read_text(errors="replace")
+        # The claiming worker is dead and its lease runs out (as the hour would have passed).
+        with store.engine.begin() as conn:
+            conn.execute(update(schema.Image).where(schema.Image.id == image.id)
+                         .values(lease_expires_at=schema.utcnow() - timedelta(seconds=1)))
         assert status_of(job_id, env)["state"] == "running"
         result = cli("reap", env=env)                       # …until the reaper puts it back
         assert result.returncode == 0 and "1 images re-queued" in result.stdout, result.stderr
