@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -192,9 +193,13 @@ def test_each_common_mistake_is_one_line_with_its_exit_code_and_records_nothing(
                 TORCH_HOME=str(tmp_path / "empty-torch-home"),
                 # Offline, as on this project's machines, whatever the machine running the tests can reach.
                 https_proxy=f"http://127.0.0.1:{CLOSED_PORT}", HTTPS_PROXY=f"http://127.0.0.1:{CLOSED_PORT}")
+    table = mistakes(tmp_path, s3_bucket, redis_with_password, silent_port)
+    # Four at a time: the table's time is mostly interpreter start-ups and the two timeouts, which
+    # a second core and each other's waits overlap (each command still has to fail within FAST_S).
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda row: panoptic_batch(*row[1], env={**base, **row[2]}, cwd=tmp_path), table))
     problems = []
-    for what, args, extra, code, words in mistakes(tmp_path, s3_bucket, redis_with_password, silent_port):
-        result, seconds = panoptic_batch(*args, env={**base, **extra}, cwd=tmp_path)
+    for (what, args, extra, code, words), (result, seconds) in zip(table, outcomes):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         checks = {
             f"exit code {code}": result.returncode == code,
