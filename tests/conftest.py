@@ -6,6 +6,8 @@
 - ``s3_server`` (session): a private SeaweedFS ``weed mini`` S3 server on free ports, with the
   AWS_* environment pointing at it for the whole session (restored afterwards).
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server.
+- ``one_torch_thread_per_subprocess`` (session, automatic): OMP_NUM_THREADS=1 for the processes
+  the tests start.
 
 Test data lives in the repository (tests/paths.py), never beside it.
 """
@@ -31,6 +33,19 @@ _AWS_ENV_TO_CLEAR = (
     "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_per_subprocess():
+    """Workers and `run`s that the tests start use one torch (OpenMP) thread, unless
+    OMP_NUM_THREADS says otherwise. On a small machine their spinning OpenMP threads fought their
+    own io threads, the servers and this process: a worker test took twice the wall time and a
+    third more CPU. This process keeps its thread count (torch is imported before the change)."""
+    import torch  # noqa: F401
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+        yield
 
 
 @pytest.fixture(scope="session")
