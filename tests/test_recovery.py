@@ -11,7 +11,7 @@ and database row agree, and that the statistics equal the sums over the JSON fil
 Progress is polled through JobStore in this process (what `status --json` prints), and only the
 first test reads the statistics through `stats --json`, the others through JobStore.class_stats
 (the rows that command prints): each CLI call costs seconds of CPU (it imports torch) that the
-worker needs more on a small machine. Jobs are small (48-128 images, chunks of 8, batches of 2)
+worker needs more on a small machine. Jobs are small (6-120 images, chunks of 8, batches of 2)
 to keep the whole file within a few minutes; the faults still land mid-chunk.
 """
 
@@ -200,7 +200,7 @@ def job_env(s3_server, pg_database_url):
 
 def test_job_survives_workers_killed_mid_chunk(job_env, s3_bucket, tmp_path):
     env, queue, store = job_env
-    files = tiny_images(200, seed=1)
+    files = tiny_images(120, seed=1)
     upload(s3_bucket, files)
     job_id = submit(env, s3_bucket, queue)
     # Three kills could, in theory, hit one image each time: allow more attempts than that. A kill
@@ -217,7 +217,7 @@ def test_job_survives_workers_killed_mid_chunk(job_env, s3_bucket, tmp_path):
     try:
         done, held = 0, set()
         for _ in range(3):
-            target = done + 40
+            target = done + 24                  # three chunks more
             status = wait_for(store, job_id, lambda s: s.succeeded >= target or s.finished, 180,
                               f"{target} images succeeded", logs)
             assert not status.finished, "the job finished before all kills: give it more images"
@@ -326,12 +326,13 @@ def test_job_survives_s3_faults(job_env, s3_server, s3_bucket, tmp_path):
     download, two uploads) failing 6 times in a row: more than boto3's own 5 attempts, so only
     our backoff (storage.retry) gets them through."""
     env, queue, store = job_env
-    files = tiny_images(48, seed=3)
+    files = tiny_images(32, seed=3)
     upload(s3_bucket, files)
     job_id = submit(env, s3_bucket, queue)                      # the submit talks to S3 directly
     log = tmp_path / "worker.log"
-    stubborn = {f"/{s3_bucket}/in/d1/img0005.png", f"/{s3_bucket}/out/d2/img0030.png",
-                f"/{s3_bucket}/out/d3/img0043.json"}
+    # All three in one chunk (d1/, listed second), so that their backoffs overlap.
+    stubborn = {f"/{s3_bucket}/in/d1/img0005.png", f"/{s3_bucket}/out/d1/img0009.png",
+                f"/{s3_bucket}/out/d1/img0013.json"}
     with FaultProxy(s3_server.endpoint_url, fault_rate=0.3, seed=5) as proxy:
         proxy.stubborn(stubborn.__contains__, failures=6)
         worker = start_worker(dict(env, **FAST_RECOVERY, AWS_ENDPOINT_URL=proxy.endpoint_url), queue, log)
