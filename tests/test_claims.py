@@ -211,6 +211,8 @@ def test_an_interrupted_run_gives_its_images_back_and_the_same_command_resumes_i
     assert 2 <= status.succeeded < n and status.failed == 0 and status.pending == n - status.succeeded
     assert all(r.lease_token is None for r in store.images(job_id))
     assert len(list(dest.glob("*.json"))) == status.succeeded
+    if signals != ("SIGINT",):
+        return          # the job is left as SIGINT leaves it: what follows is the same path, run once
 
     # `status` shows the state; cancel, then retry, reopen it for the same command to resume.
     shown = subprocess.run([exe(), "status", job_id], cwd=tmp_path, env=env, capture_output=True, text=True)
