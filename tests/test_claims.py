@@ -262,13 +262,15 @@ def test_retry_undoes_cancel_and_queues_the_pending_images_again(s3_server, s3_b
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
     assert cli("cancel", job_id, env=env).returncode == 0
-    worker = start_worker(env, queue, tmp_path / "worker.log")
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, queue, log)
     try:
-        broker = redis.Redis.from_url(REDIS_URL)
         deadline = time.monotonic() + 120
-        while broker.llen(queue) and time.monotonic() < deadline:     # the worker drops the chunks
+        while log.read_text(errors="replace").count("chunk finished") < 2:    # the worker drops both chunks
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
-        time.sleep(2)
+        assert redis.Redis.from_url(REDIS_URL).llen(queue) == 0
+        assert log.read_text(errors="replace").count(", 2 skipped (") == 2
         store = JobStore(pg_database_url)
         status = store.job(job_id)
         assert (status.state, status.pending, status.succeeded) == ("cancelled", 4, 0)
