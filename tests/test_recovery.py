@@ -260,7 +260,9 @@ def test_a_worker_whose_device_fails_stops_and_loses_nothing(job_env, s3_bucket,
     job_id = submit(env, s3_bucket, queue)
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "sitecustomize.py").write_text(BROKEN_DEVICE)
-    broken = start_worker(dict(env, PYTHONPATH=str(tmp_path / "broken")), queue, tmp_path / "broken.log")
+    # Before the checkout under test (PYTHONPATH when it is not the installed one), not instead of it.
+    path = os.pathsep.join(filter(None, [str(tmp_path / "broken"), os.environ.get("PYTHONPATH")]))
+    broken = start_worker(dict(env, PYTHONPATH=path), queue, tmp_path / "broken.log")
     try:
         broken.wait(120)                        # it stops by itself
     finally:
