@@ -535,6 +535,9 @@ def test_run_rides_out_an_s3_outage_shorter_than_its_retry_budget(tmp_path, monk
 def test_object_store_errors_say_whether_they_are_transient(s3_server, s3_bucket, tmp_path, monkeypatch):
     """Classified on real answers: SlowDown from the proxy, 404 from SeaweedFS, a refused
     connection, a missing local file. (Resets are classified and retried in the S3 faults test.)"""
+    # boto3 sleeps a random 0-1, 0-2, 0-4, 0-8 and 0-16 s between its tries of a throttled request
+    # (15 s on average): its answers are what this test needs, not its waiting.
+    monkeypatch.setattr("botocore.retries.standard.ExponentialBackoff.delay_amount", lambda self, context: 0.0)
     s3_server.client().put_object(Bucket=s3_bucket, Key="k", Body=b"data")
     with FaultProxy(s3_server.endpoint_url, fault_rate=1.0, modes=("slowdown",)) as slow:
         monkeypatch.setenv("AWS_ENDPOINT_URL", slow.endpoint_url)
