@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import boto3
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import update
 
@@ -37,30 +38,38 @@ def status_of(job_id, env, cwd=None) -> dict:
     return json.loads(result.stdout)
 
 
-def test_nightly_resubmission_skips_unchanged_images(tmp_path, monkeypatch, request):
-    # In this process (CliRunner): eight runs as subprocesses spent most of their time importing
-    # torch; the console script's own path is run by the other tests here and in test_pipeline.
+@pytest.fixture
+def panoptic_batch_here(tmp_path, monkeypatch):
+    """Runs panoptic-batch in this process (CliRunner) in tmp_path, on its default database
+    (./panoptic-batch.db): ``invoke(*args, exit_code=0)`` returns the result. A `run` as a
+    subprocess spends most of its time importing torch; the console script's own path is run
+    by test_pipeline, test_errors and the worker tests here."""
     from click.testing import CliRunner
 
     from scheduler.cli import main
     from storage import db as storage_db
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PANOPTIC_DATABASE_URL", raising=False)
+
+    def invoke(*args, exit_code: int = 0):
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == exit_code, (result.output, result.stderr)
+        return result
+
+    yield invoke
+    storage_db.dispose_all()
+
+
+def test_nightly_resubmission_skips_unchanged_images(tmp_path, panoptic_batch_here):
     source, dest = tmp_path / "in", tmp_path / "out"
     source.mkdir()
     for i in range(4):
         (source / f"img{i}.png").write_bytes(png_bytes(i))
-    monkeypatch.chdir(tmp_path)                             # the default database: ./panoptic-batch.db
-    monkeypatch.delenv("PANOPTIC_DATABASE_URL", raising=False)
-    request.addfinalizer(storage_db.dispose_all)
-
-    def invoke(*args) -> str:
-        result = CliRunner().invoke(main, list(args))
-        assert result.exit_code == 0, result.output
-        return result.stdout
 
     def run(*extra):
-        job_id = invoke("run", str(source), "--dest", str(dest), *MODEL_ARGS, *extra).strip().splitlines()[-1]
-        return json.loads(invoke("status", job_id, "--json"))
+        output = panoptic_batch_here("run", str(source), "--dest", str(dest), *MODEL_ARGS, *extra).stdout
+        return json.loads(panoptic_batch_here("status", output.strip().splitlines()[-1], "--json").stdout)
 
     first = run()
     assert (first["total"], first["succeeded"], first["skipped"]) == (4, 4, 0)
@@ -222,33 +231,33 @@ def test_submit_fails_images_whose_outputs_another_image_claims(s3_server, s3_bu
                                                                  len(CONFLICT_KEYS) - len(CONFLICTS))
 
 
-def test_output_conflicts_overwrite_nothing_and_retry_leaves_them_failed(tmp_path):
+def test_output_conflicts_overwrite_nothing_and_retry_leaves_them_failed(tmp_path, panoptic_batch_here):
     source, dest = tmp_path / "in", tmp_path / "out"
     source.mkdir()
     (source / "a.jpg").write_bytes(png_bytes(1))            # decoded by content: PNG bytes are fine
     (source / "a.png").write_bytes(png_bytes(2))
     (source / "b.png").write_bytes(png_bytes(3))
-    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+
+    def status(job_id, *args):
+        return panoptic_batch_here("status", job_id, *args).stdout
 
     def run():
-        result = run_json("run", str(source), "--dest", str(dest), *MODEL_ARGS, env=env, cwd=tmp_path)
-        assert result.returncode == 1, result.stderr          # not every image succeeded
+        result = panoptic_batch_here("run", str(source), "--dest", str(dest), *MODEL_ARGS,
+                                     exit_code=1)             # not every image succeeded
         assert "a.png" in result.stderr
-        return status_of(result.stdout.strip().splitlines()[-1], env, tmp_path)
+        return json.loads(status(result.stdout.strip().splitlines()[-1], "--json"))
 
     first = run()
     assert (first["state"], first["total"], first["succeeded"], first["failed"]) == ("partial", 3, 2, 1)
     assert json.loads((dest / "a.json").read_text())["image"].endswith("a.jpg")
     written = (dest / "a.png").read_bytes()
-    listed = run_json("status", first["id"], "--failed", env=env, cwd=tmp_path)
-    assert listed.returncode == 0 and listed.stdout.startswith("a.png: output conflict:"), listed.stderr
-    (failure,) = json.loads(run_json("status", first["id"], "--failed", "--json", env=env, cwd=tmp_path).stdout)
+    assert status(first["id"], "--failed").startswith("a.png: output conflict:")
+    (failure,) = json.loads(status(first["id"], "--failed", "--json"))
     assert failure["key"] == "a.png" and failure["uri"].endswith("a.png") and "a.jpg" in failure["error"]
 
-    result = run_json("retry", first["id"], env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = panoptic_batch_here("retry", first["id"])
     assert "0 failed images queued again; 1 left failed" in result.stdout
-    assert status_of(first["id"], env, tmp_path)["failed"] == 1
+    assert json.loads(status(first["id"], "--json"))["failed"] == 1
 
     second = run()                                           # nightly: a.jpg is unchanged, a.png still clashes
     assert (second["total"], second["skipped"], second["failed"]) == (1, 2, 1)
