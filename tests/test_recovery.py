@@ -513,8 +513,9 @@ def test_run_rides_out_an_s3_outage_shorter_than_its_retry_budget(tmp_path, monk
                 assert run.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
                 time.sleep(0.2)
             job_id = store.jobs()[0].id
-            server.stop()
+            # Killed after 1 s: weed's graceful stop waits 15 s for the clients' open connections.
             halted = time.monotonic()
+            server.stop(timeout=1)
             during = store.job(job_id)
             assert during.succeeded < len(files), "the outage must fall in the middle of the job"
             time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - halted)))
@@ -529,7 +530,7 @@ def test_run_rides_out_an_s3_outage_shorter_than_its_retry_budget(tmp_path, monk
         assert store.job(job_id).succeeded > during.succeeded
         check_job(env, store, job_id, bucket, files)
     finally:
-        server.stop()
+        server.stop(timeout=1)
 
 
 def test_object_store_errors_say_whether_they_are_transient(s3_server, s3_bucket, tmp_path, monkeypatch):
