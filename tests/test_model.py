@@ -335,6 +335,47 @@ def test_a_detector_that_cannot_be_captured_runs_eagerly_with_the_same_results(v
         assert all(torch.equal(a, b) for a, b in zip(got.laterals, expected.laterals))
 
 
+def test_a_shape_refused_for_short_device_memory_is_tried_again_later(caplog, monkeypatch):
+    """worker.cuda_graphs: a capture refused because the card's memory is short is not given up
+    for good (unlike a capture that fails): the shape is tried again when it repeats, and the
+    refusal is logged once. The count of shapes remembered stays bounded. (The policy does not
+    depend on the model: a stand-in detector whose passes are counted.)"""
+    import contextlib
+    import logging
+
+    from worker import cuda_graphs
+
+    class CountedDetector:
+        passes = 0
+
+        def detect(self, images, padding_mask, threshold):
+            self.passes += 1
+            return images.sum()
+
+    images, mask = torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8, dtype=torch.bool)
+    free = {"bytes": 1}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 100))
+    detector = CountedDetector()
+    graphs = cuda_graphs.DetectorGraphs(detector, contextlib.nullcontext)
+    caplog.set_level(logging.INFO, logger=cuda_graphs.__name__)
+    for _ in range(3):                                  # seen twice and thrice: refused, no capture tried
+        graphs(images, mask, 0.5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("not capturing a CUDA graph" in m for m in messages) == 1
+    assert not any("capture failed" in m for m in messages) and detector.passes == 3
+    free["bytes"] = 100                                 # memory freed: the next repeat tries (and, on
+    graphs(images, mask, 0.5)                           # the CPU, fails: then never again)
+    graphs(images, mask, 0.5)
+    assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
+    assert graphs.captures == 0 and detector.passes == 5
+
+    monkeypatch.setattr(cuda_graphs, "MAX_SEEN_SHAPES", 2)
+    graphs = cuda_graphs.DetectorGraphs(detector, contextlib.nullcontext)
+    for threshold in (0.1, 0.2, 0.3, 0.4):              # the threshold is part of a shape's key
+        graphs(images, mask, threshold)
+    assert len(graphs._seen) == 2
+
+
 # --------------------------------------------------------------------------- 5. no padding mask
 
 def test_padding_mask_none_equals_all_false(variant: Variant):

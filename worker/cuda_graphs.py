@@ -5,12 +5,14 @@ transformer and the heads from Python; on an H200 the model side alone (`Predict
 SQL) then reached 104 bf16 images/s with the device idle between launches. With these graphs it
 reached 121 (another lease of the same card, 2026-12-04; BENCHMARKS.md). Opt-in for now
 (`cuda_graphs_enabled`).
+
 `DetectorGraphs` captures `DETRPanoptic.detect` (no host round trip in it) once per input shape
 and replays it; the mask head, whose size depends on the kept-query count, stays eager.
 
 A shape is captured the second time it is seen (one-off shapes, e.g. a chunk's last odd batch,
 run eagerly) and at most `max_graphs` are kept (least recently used first out: each holds the
-memory of one detector pass). A capture that fails falls back to eager for that shape, for good.
+memory of one detector pass). A capture that fails falls back to eager for that shape, for good;
+one refused because the card's memory is short is tried again when the shape next repeats.
 Results equal the eager pass's up to the algorithms the libraries pick (float rounding).
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -30,6 +32,7 @@ from .model.segmentation import DETRPanoptic, DetectorPass
 log = logging.getLogger(__name__)
 
 MAX_GRAPHS = 4
+MAX_SEEN_SHAPES = 256    # shapes whose repeat count is kept (least recently seen first out)
 WARMUP_PASSES = 2        # eager passes on a side stream before capturing: library handles, workspaces
 MIN_FREE_FRACTION = 0.4  # capture only while this much of the card's memory is free
 
@@ -66,7 +69,7 @@ class DetectorGraphs:
         self.autocast = autocast
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
-        self._seen: Counter[tuple] = Counter()
+        self._seen: OrderedDict[tuple, int] = OrderedDict()     # key → passes, bounded
         self._failed: set[tuple] = set()
         self.captures = 0           # graphs captured (tests, logs)
         self.replays = 0
@@ -75,10 +78,12 @@ class DetectorGraphs:
                  key_extra: tuple = ()) -> DetectorPass:
         key = (tuple(images.shape), images.stride(), images.dtype, tuple(padding_mask.shape), float(threshold),
                images.device, *key_extra)
-        self._seen[key] += 1
+        seen = self._seen[key] = self._seen.pop(key, 0) + 1
+        if len(self._seen) > MAX_SEEN_SHAPES:
+            self._seen.popitem(last=False)
         captured = self._graphs.get(key)
-        if captured is None and self._seen[key] >= 2 and key not in self._failed:
-            captured = self._capture(key, images, padding_mask, threshold)
+        if captured is None and seen >= 2 and key not in self._failed:
+            captured = self._capture(key, images, padding_mask, threshold, first_try=seen == 2)
         if captured is None:
             with self.autocast():
                 return self.model.detect(images, padding_mask, threshold)
@@ -91,20 +96,21 @@ class DetectorGraphs:
         return replace(out, pred_logits=out.pred_logits.clone(), pred_boxes=out.pred_boxes.clone(),
                        keep=out.keep.clone())
 
-    def _capture(self, key, images, padding_mask, threshold) -> _Captured | None:
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)            # its memory pool goes with it
+    def _capture(self, key, images, padding_mask, threshold, first_try: bool) -> _Captured | None:
         try:
             free, total = torch.cuda.mem_get_info(images.device)
         except Exception:
             free, total = 0, 0                          # not a CUDA device: the capture below fails
         if total and free < MIN_FREE_FRACTION * total:
             # A graph keeps a pass's activations for good: on a card this full, eager passes
-            # (which return their memory) are safer than one more graph.
-            self._failed.add(key)
-            log.info("not capturing a CUDA graph for input %s: %.1f of %.1f GiB free", tuple(images.shape),
-                     free / 2**30, total / 2**30)
+            # (which return their memory) are safer than one more graph. Not marked failed: the
+            # memory may be free when the shape repeats (logged once per shape).
+            if first_try:
+                log.info("not capturing a CUDA graph for input %s: %.1f of %.1f GiB free", tuple(images.shape),
+                         free / 2**30, total / 2**30)
             return None
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)            # its memory pool goes with it
         static_images = torch.empty_strided(images.shape, images.stride(), dtype=images.dtype, device=images.device)
         static_images.copy_(images)
         static_mask = padding_mask.clone()

@@ -7,6 +7,7 @@ results in batches: preprocess → DETR (mask head pruned to confident queries) 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections import deque
@@ -116,13 +117,13 @@ class Predictor:
         # into the convolutions and NHWC activations (1.3-1.5x on the R101 detector on the CPU).
         # On the CPU only the backbone goes NHWC: the mask head's group norms are slower so.
         self.model.detr.backbone[0].body.fold_batchnorm()
+        self._graphs: DetectorGraphs | None = None
         self.set_memory_format(torch.channels_last)
         self._postprocess_pool = None
         self._staging = None
-        self._graphs: DetectorGraphs | None = None
         if self.device.type == "cuda":
             if cuda_graphs_enabled():
-                self._graphs = DetectorGraphs(self.model, self._autocast)
+                self._graphs = DetectorGraphs(self.model, functools.partial(self._autocast, cast_cache=False))
             self._staging = PinnedStaging(self.device)
             # cudnn.benchmark stays off: it re-tunes every new input shape, and here shapes vary
             # with each image size and each batch's count of kept queries. On an H200 with eight
@@ -143,7 +144,7 @@ class Predictor:
         self._memory_format = memory_format
         converted = self.model if self.device.type == "cuda" else self.model.detr.backbone
         converted.to(memory_format=memory_format)
-        if getattr(self, "_graphs", None) is not None:
+        if self._graphs is not None:
             self._graphs.clear()          # captured graphs read the weights' old storage
 
     def close(self) -> None:
@@ -160,7 +161,10 @@ class Predictor:
         return {"name": self.config.model, "weights_sha256": self.model.weights_sha256,
                 "threshold": self.config.threshold, "label_map_sha256": self.label_map.sha256}
 
-    def _autocast(self):
+    def _autocast(self, cast_cache: bool = True):
+        """The precision's context for a model pass. `cast_cache=False` for CUDA graph captures:
+        a graph must not keep pointers into autocast's cache of cast weights, which is freed when
+        the context exits (eager passes keep it: the mask head's chunks reuse their cast weights)."""
         if self.device.type == "cuda":
             # Process-wide switches, set per batch: one process may serve jobs of either kind.
             tf32 = self.config.precision == "tf32"
@@ -169,9 +173,7 @@ class Predictor:
         dtype = PRECISIONS[self.config.precision]
         if dtype is None:
             return contextlib.nullcontext()
-        # No cache of cast weights: a CUDA graph must not keep pointers to a cache that is freed
-        # when the context exits (each weight is cast once per pass anyway).
-        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype), cache_enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, dtype), cache_enabled=cast_cache)
 
     @torch.inference_mode()
     def start_batch(self, images: list[Image.Image | RGBImage]) -> PendingBatch:
