@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 
 from tests.test_job_control import png_bytes
 from tests.test_pipeline import MODEL_ARGS, cli
@@ -39,26 +40,33 @@ def test_hostile_job_names_and_keys_are_escaped_on_terminals_and_exact_in_json(t
     job_id = ran.stdout.strip().splitlines()[-1]
     outputs = {"run stdout": ran.stdout, "run stderr": ran.stderr}
     assert "esc\\x1b[2Jclear.png" in ran.stderr and "bidi\\u202egnp.png" in ran.stderr   # shown, escaped
-    for args in (["status"], ["status", job_id], ["status", job_id, "--failed"], ["stats", job_id],
-                 ["report", job_id, "--out", str(tmp_path / "report")]):
-        result = cli(*args, env=dict(env, COLUMNS="400"))      # wide enough to show the name whole
-        assert result.returncode == 0, result.stderr
-        outputs[" ".join(args[:1] + args[2:3])] = result.stdout + result.stderr
-    assert "nightly\\x1b[2J" in outputs["status"] and "[red]x" in outputs["status"]   # markup shown as typed
+    # The commands that read the job run side by side (each is a process, mostly its start-up);
+    # an error message quoting data (SOURCE) is escaped too; JSON stays exact (scripts get the
+    # real name and keys).
+    wide = dict(env, COLUMNS="400")                            # wide enough to show the name whole
+    commands = {"status": ["status"], "status JOB": ["status", job_id], "status --failed": ["status", job_id, "--failed"],
+                "stats": ["stats", job_id], "report": ["report", job_id, "--out", str(tmp_path / "report")],
+                "status --json": ["status", job_id, "--json"],
+                "status --failed --json": ["status", job_id, "--failed", "--json"],
+                "run error": ["run", str(source), "--dest", str(source / "out\x1b]0;t\x07"), *MODEL_ARGS]}
+    with ThreadPoolExecutor(4) as pool:
+        results = dict(zip(commands, pool.map(lambda args: cli(*args, env=wide), commands.values())))
+    for where, result in results.items():
+        assert (result.returncode != 0) == (where == "run error"), (where, result.stderr)
+        outputs[where] = result.stdout + result.stderr
+    assert "overlaps SOURCE" in results["run error"].stderr, results["run error"].stderr
+    assert "out\\x1b]0;t\\x07" in results["run error"].stderr
+    for where in ("status", "status JOB"):
+        assert "nightly\\x1b[2J" in outputs[where] and "[red]x" in outputs[where]   # markup shown as typed
     failed_lines = outputs["status --failed"].splitlines()
     assert len(failed_lines) == len(HOSTILE_KEYS)              # one line per image: none forged by a key
-    # An error message quoting data (SOURCE) is escaped too.
-    refused = cli("run", str(source), "--dest", str(source / "out\x1b]0;t\x07"), *MODEL_ARGS, env=env)
-    assert refused.returncode != 0 and "overlaps SOURCE" in refused.stderr, refused.stderr
-    assert "out\\x1b]0;t\\x07" in refused.stderr
-    outputs["run error"] = refused.stdout + refused.stderr
     for where, text in outputs.items():
-        assert_inert(text, where)
+        if "--json" not in where:
+            assert_inert(text, where)
 
-    # JSON stays exact: scripts get the real name and keys.
-    status = json.loads(cli("status", job_id, "--json", env=env).stdout)
+    status = json.loads(results["status --json"].stdout)
     assert status["name"] == NAME
-    failed = json.loads(cli("status", job_id, "--failed", "--json", env=env).stdout)
+    failed = json.loads(results["status --failed --json"].stdout)
     assert sorted(entry["key"] for entry in failed) == sorted(HOSTILE_KEYS)
 
 
