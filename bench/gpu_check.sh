@@ -39,7 +39,7 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 cuda_tests() {
     # No -x: one failing test must not hide the others' results (it did, 2026-12-04).
-    timeout "${CUDA_TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -m cuda -rA \
+    timeout "${CUDA_TESTS_S:-120}" python3 -m pytest -p no:cacheprovider -n 0 -m cuda -rA \
         tests/test_cuda.py tests/test_postprocess.py -k cuda 2>&1 | tee "$OUT/cuda-tests.log"
 }
 
@@ -61,7 +61,7 @@ else
         --small "${E2E_SMALL:-128}" --configs "${E2E_CONFIGS:-bf16:16,tf32:16,fp32:16}" \
         --seed-images "${E2E_SEED_IMAGES:-16}" --predictor-images 128 \
         ${PROFILER:+--profile "$PROFILER"} --workdir "$WORK" --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log"
-    timeout "${COMPAT_S:-45}" python3 -m pytest -p no:cacheprovider -q -x tests/test_preprocess.py 2>&1 \
+    timeout "${COMPAT_S:-45}" python3 -m pytest -p no:cacheprovider -n 0 -q -x tests/test_preprocess.py 2>&1 \
         | tee "$OUT/torch-compat.log"
 fi
 (cd "$WORK" 2>/dev/null && tar -czf "$OUT/runs.tar.gz" $(ls run-*.log profile-*.txt 2>/dev/null)) 2>/dev/null
