@@ -6,6 +6,7 @@ was wrong and what to do. The codes below are a contract (README, "Exit codes").
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 
@@ -110,6 +111,12 @@ class OneLineErrors(click.Group):
         try:
             return super().__call__(*args, **kwargs)
         finally:
+            # Close the database connections first: frozen, they would never be closed, and SQLite
+            # would leave its -wal file (recent commits) beside the database file.
+            database = sys.modules.get("storage.db")
+            if database is not None:
+                with contextlib.suppress(Exception):
+                    database.dispose_all()
             # The process is about to end: its objects (torch's, after a run: millions) leave the
             # garbage collector's scans, so that the collections during interpreter shutdown do
             # not walk them. A run exited 1.2-2 s after its last line, now 0.2-0.35 s.

@@ -98,6 +98,16 @@ print(sorted(name for name in sys.modules if name == "torch" or name.startswith(
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_console_script_closes_its_database_before_exiting(tmp_path):
+    """Its connections are closed before the freeze above (frozen, they never were): SQLite folds
+    its write-ahead log into the database file, so the file alone holds every commit (a copy of
+    panoptic-batch.db is the whole job history) and no -wal/-shm files are left beside it."""
+    env = {key: value for key, value in os.environ.items() if key != "PANOPTIC_DATABASE_URL"}
+    for args in (["status"], ["cancel", "no-such-job"]):       # a command that succeeds, one that fails
+        panoptic_batch(*args, env=env, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["panoptic-batch.db"]
+
+
 def write_images(folder: Path) -> list[Path]:
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
