@@ -386,6 +386,7 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
     from .dispatch import start_reaper_thread
 
     check_worker_settings(device, precision, before_fork=True)
+    refuse_a_newer_database_schema()
     os.environ["PANOPTIC_DEVICE"] = device
     os.environ["PANOPTIC_PRECISION"] = precision
     os.environ[MAIN_PID_ENV] = str(os.getpid())         # a pool process whose device fails stops us
@@ -401,6 +402,22 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
     quiet = ["--quiet"] if log_format == "json" else []
     app.worker_main([*quiet, "worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
                      f"--queues={queues or DEFAULT_QUEUE}", "--without-gossip", "--without-mingle"])
+
+
+def refuse_a_newer_database_schema() -> None:
+    """A worker older than the database's schema (a newer panoptic-batch migrated it) would fail
+    every chunk it took: it does not start (one line, exit 5). A database that cannot be reached
+    now does not stop it: workers may start before the database, and chunks wait on the broker."""
+    from storage.db import SchemaTooNew
+    from storage.jobs import JobStore
+
+    from .errors import database_error
+    try:
+        JobStore().engine
+    except SchemaTooNew as exc:
+        raise database_error(exc) from exc
+    except Exception:       # noqa: BLE001 - unreachable for now: the chunks' own database calls retry
+        pass
 
 
 @main.command()

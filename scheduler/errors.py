@@ -35,12 +35,14 @@ class CommandError(click.ClickException):
 
 
 def database_error(exc: BaseException) -> CommandError:
-    from storage.db import database_url
+    from storage.db import SchemaTooNew, database_url
     try:
         where = mask_url(database_url()).replace("postgresql+psycopg://", "postgresql://", 1)
     except Exception:                                   # a URL SQLAlchemy cannot parse
         return CommandError(f"PANOPTIC_DATABASE_URL is not a database URL ({_reason(exc)}): use "
                             "sqlite:///FILE or postgresql://USER@HOST/DB", EXIT_USAGE)
+    if isinstance(exc, SchemaTooNew):
+        return CommandError(f"cannot use the database {where}: {exc}", EXIT_DATABASE)
     if where.startswith("sqlite"):
         advice = "its folder must exist (or be creatable) and both be writable by this user"
     else:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 __all__ = [
     "DEFAULT_URL", "ENV_VAR", "database_url", "get_engine", "write_engine", "session",
-    "upgrade", "alembic_config", "dispose_all",
+    "upgrade", "alembic_config", "dispose_all", "SchemaTooNew",
 ]
 
 ENV_VAR = "PANOPTIC_DATABASE_URL"
@@ -144,9 +144,17 @@ def alembic_config(url: str | URL | None = None):
     return cfg
 
 
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer panoptic-batch than this one (a rolling upgrade's old
+    worker, or a machine left behind): this code neither knows nor may change its schema."""
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Run ``alembic upgrade`` on ``engine``; safe when several processes do it at once."""
+    """Run ``alembic upgrade`` on ``engine``; safe when several processes do it at once.
+    SchemaTooNew when the database is at a revision these migrations do not have."""
     from alembic import command
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
 
     cfg = alembic_config(engine.url)
     with engine.connect() as conn:
@@ -154,6 +162,13 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         conn.begin()  # SQLite: BEGIN IMMEDIATE, held (and waited for) until the commit below
         if engine.dialect.name == "postgresql":
             conn.execute(select(func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK_KEY)))
+        script = ScriptDirectory.from_config(cfg)
+        known = {rev.revision for rev in script.walk_revisions()}
+        unknown = [rev for rev in MigrationContext.configure(conn).get_current_heads() if rev not in known]
+        if unknown:
+            raise SchemaTooNew(
+                f"its schema is at revision {', '.join(unknown)}, newer than this panoptic-batch's "
+                f"({', '.join(script.get_heads())}): a newer panoptic-batch migrated it; install that version here")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
         conn.commit()

@@ -62,6 +62,16 @@ main(["--version"])
     assert lines[0] == "in-process: 0" and lines[-1] == "at exit: True", lines
 
 
+def test_the_console_script_closes_its_database_before_exiting(tmp_path):
+    """Its connections are closed before the freeze above (frozen, they never were): SQLite folds
+    its write-ahead log into the database file, so the file alone holds every commit (a copy of
+    panoptic-batch.db is the whole job history) and no -wal/-shm files are left beside it."""
+    env = {key: value for key, value in os.environ.items() if key != "PANOPTIC_DATABASE_URL"}
+    for args in (["status"], ["cancel", "no-such-job"]):       # a command that succeeds, one that fails
+        panoptic_batch(*args, env=env, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["panoptic-batch.db"]
+
+
 def test_commands_that_run_no_model_do_not_load_torch(tmp_path):
     """status, stats, submit, cancel, retry are run often (scripts poll status): without torch
     they start in well under a second, where importing it alone takes seconds."""
@@ -96,16 +106,6 @@ print(sorted(name for name in sys.modules if name == "torch" or name.startswith(
         redis.Redis.from_url(env["PANOPTIC_BROKER_URL"]).delete(queue)     # the cancelled job's chunk
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
-
-
-def test_the_console_script_closes_its_database_before_exiting(tmp_path):
-    """Its connections are closed before the freeze above (frozen, they never were): SQLite folds
-    its write-ahead log into the database file, so the file alone holds every commit (a copy of
-    panoptic-batch.db is the whole job history) and no -wal/-shm files are left beside it."""
-    env = {key: value for key, value in os.environ.items() if key != "PANOPTIC_DATABASE_URL"}
-    for args in (["status"], ["cancel", "no-such-job"]):       # a command that succeeds, one that fails
-        panoptic_batch(*args, env=env, cwd=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["panoptic-batch.db"]
 
 
 def write_images(folder: Path) -> list[Path]:
@@ -221,6 +221,27 @@ def test_a_worker_that_cannot_run_its_device_does_not_start(args, message):
     env = dict(os.environ, PANOPTIC_BROKER_URL="redis://127.0.0.1:1/0")    # never reached
     result = panoptic_batch("worker", *args, env=env)
     assert result.returncode == 2 and message in result.stderr, result.stderr     # a usage error
+
+
+def test_a_worker_older_than_the_database_schema_does_not_start(tmp_path):
+    """A rolling upgrade's old worker (a newer panoptic-batch migrated the database): one line,
+    exit 5, instead of taking chunks and failing each on the database."""
+    from sqlalchemy import text
+
+    from storage import db as storage_db
+    newer = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with storage_db.get_engine(newer).begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
+    storage_db.dispose_all()
+    env = dict(os.environ, PANOPTIC_DATABASE_URL=newer, PANOPTIC_BROKER_URL="redis://127.0.0.1:1/0")  # never reached
+    try:
+        result = subprocess.run([shutil.which("panoptic-batch", path=os.path.dirname(sys.executable)) or "panoptic-batch",
+                                 "worker", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("the worker started") from exc
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 5 and len(lines) == 1, result.stderr
+    assert "revision 0099_future, newer than this panoptic-batch's" in lines[0]
 
 
 def test_the_worker_checks_a_gpu_without_touching_cuda_in_the_process_that_forks(monkeypatch):
