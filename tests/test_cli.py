@@ -19,10 +19,10 @@ SUBCOMMANDS = ["predict", "submit", "worker", "run", "status", "stats", "cancel"
                "evaluate", "report", "prune"]
 
 
-def panoptic_batch(*args, env=None, cwd=None):
+def panoptic_batch(*args, env=None, cwd=None, timeout=600):
     exe = shutil.which("panoptic-batch", path=os.path.dirname(sys.executable)) or shutil.which("panoptic-batch")
     assert exe, "the panoptic-batch console script is not installed"
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 def test_help_lists_every_subcommand():
@@ -226,22 +226,17 @@ def test_a_worker_that_cannot_run_its_device_does_not_start(args, message):
 def test_a_worker_older_than_the_database_schema_does_not_start(tmp_path):
     """A rolling upgrade's old worker (a newer panoptic-batch migrated the database): one line,
     exit 5, instead of taking chunks and failing each on the database."""
-    from sqlalchemy import text
-
-    from storage import db as storage_db
+    from tests.test_jobs_db import NEWER_REVISION, migrated_by_a_newer_version
     newer = f"sqlite:///{tmp_path / 'jobs.db'}"
-    with storage_db.get_engine(newer).begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
-    storage_db.dispose_all()
+    migrated_by_a_newer_version(newer)
     env = dict(os.environ, PANOPTIC_DATABASE_URL=newer, PANOPTIC_BROKER_URL="redis://127.0.0.1:1/0")  # never reached
     try:
-        result = subprocess.run([shutil.which("panoptic-batch", path=os.path.dirname(sys.executable)) or "panoptic-batch",
-                                 "worker", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+        result = panoptic_batch("worker", "--device", "cpu", env=env, timeout=120)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError("the worker started") from exc
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 5 and len(lines) == 1, result.stderr
-    assert "revision 0099_future, newer than this panoptic-batch's" in lines[0]
+    assert f"revision {NEWER_REVISION}, newer than this panoptic-batch's" in lines[0]
 
 
 def test_the_worker_checks_a_gpu_without_touching_cuda_in_the_process_that_forks(monkeypatch):

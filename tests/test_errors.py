@@ -24,6 +24,7 @@ from scheduler import errors
 from scheduler.submit import JobSpec, SubmitStopped, submit
 from storage import db as storage_db
 from storage.jobs import JobStore
+from tests.test_jobs_db import NEWER_REVISION, migrated_by_a_newer_version
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # Generous: the point is seconds, not the 8-40 s of connection retries these mistakes took.
@@ -117,13 +118,11 @@ def mistakes(tmp_path: Path, s3_bucket: str, redis_port: int, silent: int) -> li
     """(what, args, extra environment, exit code, words the line must hold)."""
     checkpoint = r101_names_checkpoint(tmp_path / "r101.pth")
     random = ["--weights", "random", *MODEL]
-    newer = f"sqlite:///{tmp_path / 'newer.db'}"       # as a newer panoptic-batch left it
-    with storage_db.get_engine(newer).begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
-    storage_db.dispose_all()
+    newer = f"sqlite:///{tmp_path / 'newer.db'}"
+    migrated_by_a_newer_version(newer)
     return [
         ("a database migrated by a newer panoptic-batch", ["status"], {"PANOPTIC_DATABASE_URL": newer},
-         errors.EXIT_DATABASE, ["revision 0099_future", "newer than this panoptic-batch", "install that version"]),
+         errors.EXIT_DATABASE, [f"revision {NEWER_REVISION}", "newer than this panoptic-batch", "install that version"]),
         ("a SOURCE folder that does not exist", ["run", "missing", "--dest", "out", *random], {},
          errors.EXIT_NO_IMAGES, ["SOURCE", "missing", "does not exist"]),
         ("a bucket that does not exist", ["submit", f"s3://{s3_bucket}-nope/in", "--dest", "out", *random], {},

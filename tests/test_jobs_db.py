@@ -137,18 +137,27 @@ def test_migration_on_first_use_creates_the_schema(db_url):
     assert diffs == []
 
 
+NEWER_REVISION = "0099_future"
+
+
+def migrated_by_a_newer_version(url: str) -> None:
+    """Leave the database at `url` as a newer panoptic-batch would: its schema at a revision this
+    one does not know (NEWER_REVISION), and no engine of this process open on it."""
+    with storage_db.get_engine(url).begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = :revision"), {"revision": NEWER_REVISION})
+    storage_db.dispose_all()                            # as a new process would start
+
+
 def test_a_database_migrated_by_a_newer_version_is_refused_and_left_as_it_is(db_url):
     """A rolling upgrade's old worker (or a machine left behind) meets a schema it does not know:
     it says so (SchemaTooNew, which the CLI shows as one line, exit 5) and changes nothing."""
     JobStore(db_url).create_job("x", "/in", "/out", "detr-r50", "random", 0.85, 800, 1333, {})
-    with storage_db.get_engine(db_url).begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
-    storage_db.dispose_all()                            # as a new process would start
-    with pytest.raises(storage_db.SchemaTooNew, match=r"revision 0099_future, newer than this panoptic-batch's \(0003\)"):
+    migrated_by_a_newer_version(db_url)
+    with pytest.raises(storage_db.SchemaTooNew, match=rf"revision {NEWER_REVISION}, newer than this panoptic-batch's \(0003\)"):
         storage_db.get_engine(db_url)
     engine = storage_db.get_engine(db_url, migrate=False)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0099_future"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [NEWER_REVISION]
         assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 1
 
 
