@@ -23,7 +23,7 @@ from worker.text import printable
 from storage.objects import mask_url
 
 from .errors import EXIT_LABEL_MAP, EXIT_USAGE, EXIT_WEIGHTS, CommandError, OneLineErrors, broker_error
-from .jobstore import find_job, open_store
+from .jobstore import find_job, open_store, refuse_a_newer_database_schema
 from .submit import DEFAULT_CHUNK_SIZE
 
 
@@ -402,22 +402,6 @@ def worker(device, precision, concurrency, queues, loglevel, log_format, metrics
     quiet = ["--quiet"] if log_format == "json" else []
     app.worker_main([*quiet, "worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
                      f"--queues={queues or DEFAULT_QUEUE}", "--without-gossip", "--without-mingle"])
-
-
-def refuse_a_newer_database_schema() -> None:
-    """A worker older than the database's schema (a newer panoptic-batch migrated it) would fail
-    every chunk it took: it does not start (one line, exit 5). A database that cannot be reached
-    now does not stop it: workers may start before the database, and chunks wait on the broker."""
-    from storage.db import SchemaTooNew
-    from storage.jobs import JobStore
-
-    from .errors import database_error
-    try:
-        JobStore().engine
-    except SchemaTooNew as exc:
-        raise database_error(exc) from exc
-    except Exception:       # noqa: BLE001 - unreachable for now: the chunks' own database calls retry
-        pass
 
 
 @main.command()

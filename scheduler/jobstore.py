@@ -22,6 +22,22 @@ def open_store():
     return store
 
 
+def refuse_a_newer_database_schema() -> None:
+    """A worker older than the database's schema (a newer panoptic-batch migrated it) would fail
+    every chunk it took: it does not start (one line, exit 5). A database that cannot be reached
+    now does not stop it: workers may start before the database, and chunks wait on the broker."""
+    from storage.db import SchemaTooNew
+    from storage.jobs import JobStore
+
+    from .errors import database_error
+    try:
+        JobStore().engine
+    except SchemaTooNew as exc:
+        raise database_error(exc) from exc
+    except Exception:       # noqa: BLE001 - unreachable for now: the chunks' own database calls retry
+        pass
+
+
 def find_job(store, job_id):
     """The job with this id or unique id prefix; an unknown one is a one-line click error, not a traceback."""
     from storage.jobs import JobNotFound
