@@ -280,8 +280,9 @@ def run(source, dest, chunk_size, includes, name, force, **options):
 
     Exits 0 when every image succeeded, 1 when some failed (and lists them). Ctrl-C (SIGINT) or
     SIGTERM stops it after the current batch (a second one at once): the unfinished images are
-    given back, the job is marked interrupted, and the same command resumes it."""
-    from .embedded import StopOnSignals, embedded_spec
+    given back, the job is marked interrupted, and the same command resumes it (a `run` killed
+    outright too, once its process is gone)."""
+    from .embedded import StopOnSignals, embedded_spec, take_back_a_killed_run
     from .submit import chunked, submit as submit_job
 
     _log_warnings_escaped()
@@ -313,6 +314,9 @@ def run(source, dest, chunk_size, includes, name, force, **options):
             except ValueError as exc:     # settings the model refuses
                 raise CommandError(str(exc), EXIT_USAGE) from exc
 
+        killed = take_back_a_killed_run(store, spec.config["run_key"])
+        if killed:
+            click.echo(f"job {killed}: the `run` processing it stopped without giving its images back (killed?)")
         resumed = store.find_interrupted(spec.config["run_key"])
         try:
             if resumed:

@@ -3,7 +3,9 @@ cleanly on SIGINT/SIGTERM.
 
 A `run` that is interrupted gives its claims back and marks its job ``interrupted``; the same
 command (same SOURCE, DEST and options) finds that job by its run key and resumes it instead of
-making a new one.
+making a new one. A `run` killed outright (SIGKILL, the OOM killer) has no chance to: the same
+command finds its job still running, sees that the process holding its images is gone, and
+resumes it too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import replace
 import click
 
 from storage import objects
+from worker.lease import holder_of
+from worker.text import printable
 
 from .submit import JobSpec
 
@@ -39,6 +43,35 @@ def run_key(spec: JobSpec, force: bool) -> str:
 def embedded_spec(spec: JobSpec, force: bool) -> JobSpec:
     """The spec with what marks it as this `run` command's job: no broker, and its run key."""
     return replace(spec, config={**spec.config, "broker": EMBEDDED_BROKER, "run_key": run_key(spec, force)})
+
+
+def take_back_a_killed_run(store, run_key: str) -> str | None:
+    """The job of this same `run` command left pending or running by a process killed outright,
+    now marked interrupted so that it resumes as an interrupted job does (the images the killed
+    process held go back to pending, their attempt counted: an image that kills every `run` fails
+    after PANOPTIC_MAX_ATTEMPTS). None when there is no such job.
+
+    Refused (ClickException, exit 1) while its images are held by a process that may be alive:
+    one on this machine that still exists, or one elsewhere until its leases expire."""
+    found = store.find_unfinished(run_key)
+    if found is None:
+        return None
+    job_id, leases = found
+    alive = {token: expires for token, expires in leases.items()
+             if (holder := holder_of(token)) is None or not holder.is_gone()}
+    if alive:
+        here = sorted({holder.pid for token in alive if (holder := holder_of(token)) and holder.on_this_machine})
+        if here:
+            raise click.ClickException(
+                f"job {printable(job_id)} of this same command is being processed by process {here[0]} on this "
+                f"machine: wait for it, or stop it (kill -INT {here[0]}: it gives its images back) and run again")
+        until = max(alive.values())
+        raise click.ClickException(
+            f"job {printable(job_id)} of this same command is being processed on another machine (its images "
+            f"are claimed until {until:%Y-%m-%d %H:%M:%S} UTC): wait for it, or, if that process was killed, "
+            "run again after then")
+    store.interrupt(job_id)
+    return job_id
 
 
 class StopOnSignals:

@@ -149,6 +149,22 @@ def _sqlite_store(folder) -> JobStore:
     return JobStore(f"sqlite:///{folder / 'panoptic-batch.db'}")
 
 
+def _wait_until_succeeded(store: JobStore, process, folder, count: int) -> None:
+    """Until the `run` process's job (in folder's SQLite database) has ``count`` images done."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (folder / "panoptic-batch.db").exists():
+            try:
+                jobs = store.jobs()
+            except Exception:                                # the schema is being created
+                jobs = []
+            if jobs and jobs[0].succeeded >= count:
+                return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"{count} images were not done in 300 s")
+
+
 def test_a_second_signal_crossing_the_exit_of_an_interrupted_run_does_not_kill_it():
     """The user's second SIGTERM can arrive after the job's state is written, while `run` exits
     with 143: the exit code must stay 143 (a process killed half-way by the signal was seen in CI)."""
@@ -188,17 +204,7 @@ def test_an_interrupted_run_gives_its_images_back_and_the_same_command_resumes_i
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     store = _sqlite_store(tmp_path)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:                       # until a few images are done
-        if (tmp_path / "panoptic-batch.db").exists():
-            try:
-                jobs = store.jobs()
-            except Exception:                                # the schema is being created
-                jobs = []
-            if jobs and jobs[0].succeeded >= 2:
-                break
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.1)
+    _wait_until_succeeded(store, process, tmp_path, 2)
     for name in signals:
         process.send_signal(getattr(signal, name))
         time.sleep(0.05)
@@ -241,6 +247,89 @@ def test_an_interrupted_run_gives_its_images_back_and_the_same_command_resumes_i
             counts[0] += 1
             counts[1] += segment["area"]
     assert {row["category_id"]: [row["segments"], row["pixels"]] for row in stats} == expected
+
+
+def test_a_killed_run_is_resumed_by_the_same_command_and_a_live_one_is_not_taken_over(tmp_path):
+    """SIGKILL (the OOM killer's signal) gives `run` no chance to give its images back: the same
+    command finds its job still running, refuses while the process holding its images exists
+    (stopped here, so that it holds them for sure), and resumes the job once that process is gone."""
+    import os
+    import signal
+    import subprocess
+
+    from worker.lease import holder_of
+
+    from .test_pipeline import exe
+
+    source, dest = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    n = 8
+    for i in range(n):
+        (source / f"img{i:02d}.png").write_bytes(png_bytes(i, size=(96, 80)))
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+    command = [exe(), "run", str(source), "--dest", str(dest), "--model", "detr-r50", "--weights", "random",
+               "--min-size", "160", "--max-size", "200", "--threshold", "0", "--batch-size", "1",
+               "--chunk-size", str(n)]                       # one chunk: all claimed at its start
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    store = _sqlite_store(tmp_path)
+    try:
+        _wait_until_succeeded(store, first, tmp_path, 2)
+        first.send_signal(signal.SIGSTOP)
+        [job] = store.jobs()
+        held = {row.id for row in store.images(job.id, state="running")}
+        assert held and all(holder_of(row.lease_token).pid == first.pid
+                            for row in store.images(job.id, state="running"))
+
+        second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert (f"job {job.id} of this same command is being processed by process {first.pid} on this machine"
+                in second.stderr), second.stderr
+        assert [j.id for j in store.jobs()] == [job.id] and store.job(job.id).state == "running"
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"job {job.id}: the `run` processing it stopped without giving its images back" in again.stdout
+    assert f"resuming interrupted job {job.id}: {len(held)} images left" in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == job.id           # the same job, not a new one
+    assert len(store.jobs()) == 1
+    status = store.job(job.id)
+    assert (status.state, status.succeeded, status.failed) == ("succeeded", n, 0)
+    # The killed process's claims counted as attempts (an image that kills every run is given up).
+    assert {row.id: row.attempts for row in store.images(job.id)} == {
+        row.id: 2 if row.id in held else 1 for row in store.images(job.id)}
+    assert len(list(dest.glob("*.json"))) == n
+
+
+def test_a_run_left_running_elsewhere_is_taken_back_only_when_its_leases_expire(db_url):
+    """Held by a process on another machine, or under a token that names no process (older
+    versions), a `run`'s job may still be at work: refused until its leases expire."""
+    import click
+
+    from scheduler.embedded import take_back_a_killed_run
+
+    from .test_jobs_db import new_job
+
+    store = JobStore(db_url)
+    job_id, ids = new_job(store, 3, config={"run_key": "this-command", "broker": "embedded"})
+    new_job(store, 1, config={"run_key": "another-command", "broker": "embedded"})
+    assert take_back_a_killed_run(store, "a-command-never-run") is None
+    for token in (f"{'a' * 20}.4242:1234@{'0' * 12}", "b" * 32):          # another machine; no holder named
+        assert store.claim(ids[0], token, lease_seconds=60) is not None
+        with pytest.raises(click.ClickException, match=f"job {job_id} of this same command is being processed "
+                           r"on another machine \(its images are claimed until 20"):
+            take_back_a_killed_run(store, "this-command")
+        assert store.job(job_id).state == "running"
+        with store.engine.begin() as conn:                            # the lease runs out
+            conn.execute(update(Image.__table__).where(Image.__table__.c.id == ids[0])
+                         .values(lease_expires_at=utcnow()))
+    assert take_back_a_killed_run(store, "this-command") == job_id
+    assert store.job(job_id).state == "interrupted"
+    assert store.resume(job_id) == ids                                # all pending again, for the same `run`
+    assert store.job(job_id).state == "running"
 
 
 def test_retry_undoes_cancel_and_queues_the_pending_images_again(s3_server, s3_bucket, pg_database_url, tmp_path):

@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -37,6 +36,7 @@ from . import metrics
 from .batching import AspectBatcher
 from .budget import PixelBudget, max_decoded_pixels, pixels_of
 from .labels import LabelMap, job_label_map
+from .lease import new_token
 from .logs import inherit_context
 from .model import WeightsError
 from .output import output_stem, result_document
@@ -272,7 +272,7 @@ class ChunkProcessor:
         image_ids = self._own_images(job, image_ids, outcomes)
         if not image_ids:
             return outcomes
-        token = uuid.uuid4().hex
+        token = new_token()
         try:
             predictor = self.predictor_for(job)
         except (WeightsError, ValueError) as exc:

@@ -78,6 +78,29 @@ class JobStates(Transactions):
             .where(jobs_t.c.state == "interrupted", jobs_t.c.config["run_key"].as_string() == run_key)
             .order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(1)))
 
+    def find_unfinished(self, run_key: str) -> tuple[str, dict[str, datetime]] | None:
+        """The newest submitted job with this ``run_key`` that is still pending or running (its
+        `run` is at work, or was killed outright), and the leases live on its images: {token: the
+        latest expiry}. None when there is no such job."""
+        now = utcnow()
+
+        def query(conn: Connection) -> tuple[str, dict[str, datetime]] | None:
+            job_id = conn.scalar(
+                select(jobs_t.c.id)
+                .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None),
+                       jobs_t.c.config["run_key"].as_string() == run_key)
+                .order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(1))
+            if job_id is None:
+                return None
+            leases = conn.execute(
+                select(images_t.c.lease_token, func.max(images_t.c.lease_expires_at))
+                .where(images_t.c.job_id == job_id, images_t.c.state == "running",
+                       images_t.c.lease_expires_at > now)
+                .group_by(images_t.c.lease_token)).all()
+            return job_id, {token: expires for token, expires in leases}
+
+        return self._query(query)
+
     def resume(self, job_id: str) -> list[int]:
         """Reopen an interrupted job for the process that resumes it: running again, and every image
         of it still running goes back to pending (its holder, if any, was the interrupted run:
