@@ -54,12 +54,20 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int = THREADS
                 future.cancel()
 
 
-def read_json(uri: str, what: str) -> dict:
-    from storage.objects import ObjectStoreError, read_bytes
+def _read(uri: str, what: str, one_of_many: bool) -> bytes:
+    """An object's bytes. ``one_of_many`` (one image's file among a job's or a dataset's): tried
+    again on transient errors for the retry budget, so that a throttled or briefly unreachable
+    store does not end the whole command; a command's own input files are read once, so that an
+    unreachable store is said at once."""
+    from storage.objects import ObjectStoreError, read_bytes, read_bytes_retrying
     try:
-        data = read_bytes(uri)
+        return read_bytes_retrying(uri) if one_of_many else read_bytes(uri)
     except ObjectStoreError as exc:
         raise EvaluationError(f"cannot read the {what}: {exc}") from None
+
+
+def read_json(uri: str, what: str, one_of_many: bool = False) -> dict:
+    data = _read(uri, what, one_of_many)
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -69,16 +77,12 @@ def read_json(uri: str, what: str) -> dict:
     return document
 
 
-def read_ids(uri: str, what: str):
+def read_ids(uri: str, what: str, one_of_many: bool = False):
     """A panoptic PNG as an id map."""
     from PIL import UnidentifiedImageError
 
-    from storage.objects import ObjectStoreError, read_bytes
     from worker.output import decode_id_png
-    try:
-        data = read_bytes(uri)
-    except ObjectStoreError as exc:
-        raise EvaluationError(f"cannot read the {what}: {exc}") from None
+    data = _read(uri, what, one_of_many)
     try:
         return decode_id_png(data)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -276,16 +280,17 @@ def evaluate(gt: GroundTruth, predictions, missing: str = "fn", threads: int = T
     def score(item) -> PQStats:
         annotation, prediction = item
         what = f"image {annotation['image_id']!r} ({gt.image_name(annotation)})"
-        gt_ids = read_ids(_join(gt.folder, annotation["file_name"], what), f"ground-truth PNG of {what}")
+        gt_ids = read_ids(_join(gt.folder, annotation["file_name"], what), f"ground-truth PNG of {what}",
+                          one_of_many=True)
         if prediction is None:                      # counted as an empty prediction: all FN
             import numpy as np
             pred_ids, segments = np.zeros_like(gt_ids), []
         else:
             segments = prediction.segments_info
             if segments is None:
-                document = read_json(prediction.json_uri, f"prediction JSON of {what}")
+                document = read_json(prediction.json_uri, f"prediction JSON of {what}", one_of_many=True)
                 segments = document.get("segments_info")
-            pred_ids = read_ids(prediction.png_uri, f"predicted PNG of {what}")
+            pred_ids = read_ids(prediction.png_uri, f"predicted PNG of {what}", one_of_many=True)
         try:
             return image_stats(gt_ids, annotation["segments_info"], pred_ids, segments, known, what)
         except PanopticQualityError as exc:

@@ -88,7 +88,7 @@ class _IdsFrom:
 
 def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None, ids_from: str | None = None,
                threads: int = THREADS) -> ExportSummary:
-    from storage.objects import ObjectStoreError, join, read_bytes, write_bytes
+    from storage.objects import ObjectStoreError, join, read_bytes_retrying, write_bytes_retrying
     from worker.labels import job_label_map
 
     job = store.job(job_id)
@@ -106,12 +106,12 @@ def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None,
 
     def copy(record) -> tuple[dict, dict, int]:
         relative = _relative_png(record, job.dest)
-        document = read_json(record.output_json, f"output JSON of {record.key}")
+        document = read_json(record.output_json, f"output JSON of {record.key}", one_of_many=True)
         segments = document.get("segments_info")
         if not isinstance(segments, list):
             raise ExportError(f"the output JSON {record.output_json} of {record.key} has no segments_info list")
         try:
-            png = read_bytes(record.output_png)
+            png = read_bytes_retrying(record.output_png)
         except ObjectStoreError as exc:
             raise ExportError(f"cannot read the PNG of {record.key}: {exc}") from None
         if not all(isinstance(s, dict) and "id" in s and "category_id" in s for s in segments):
@@ -130,7 +130,7 @@ def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None,
             png = encode_id_png(ids_map)
             segments = [s for s in segments if is_known(s["category_id"])]
         try:
-            write_bytes(join(png_folder, relative), png, content_type="image/png")
+            write_bytes_retrying(join(png_folder, relative), png, content_type="image/png")
         except (ObjectStoreError, ValueError) as exc:
             raise ExportError(f"cannot write the PNG of {record.key}: {exc}") from None
         height = record.height if record.height is not None else document.get("height")
@@ -164,7 +164,8 @@ def export_job(store, job_id: str, json_uri: str, png_folder: str | None = None,
         "categories": label_map.as_coco(),
     }
     try:
-        write_bytes(json_uri, json.dumps(document).encode(), content_type="application/json")
+        # Retried too: a transient error here would lose the whole export at its last step.
+        write_bytes_retrying(json_uri, json.dumps(document).encode(), content_type="application/json")
     except ObjectStoreError as exc:
         raise ExportError(f"cannot write {json_uri}: {exc}") from None
     return summary

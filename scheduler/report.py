@@ -89,7 +89,7 @@ def _overlay_for(job: JobStatus, image: ImageRecord,
 
     if job.config.get("overlays"):
         try:
-            data = objects.read_bytes(overlay_uri(job.dest, output_stem(image.key)))
+            data = objects.read_bytes_retrying(overlay_uri(job.dest, output_stem(image.key)))
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 overlay = im.convert("RGB")
@@ -98,12 +98,12 @@ def _overlay_for(job: JobStatus, image: ImageRecord,
         except Exception:           # not written (that failure never fails an image): render it
             pass
         # …or left from an earlier result of another size: render it too
-    id_map = decode_id_png(objects.read_bytes(image.output_png))
-    document = json.loads(objects.read_bytes(image.output_json))
+    id_map = decode_id_png(objects.read_bytes_retrying(image.output_png))
+    document = json.loads(objects.read_bytes_retrying(image.output_json))
     h, w = id_map.shape
     note = None
     try:
-        source = decode_image(objects.read_bytes(image.uri), max_pixels=max(4 * h * w, 1), max_bytes=None)
+        source = decode_image(objects.read_bytes_retrying(image.uri), max_pixels=max(4 * h * w, 1), max_bytes=None)
         alpha = 0.55
         if source.size != (w, h):
             note = f"the source image is {source.width}×{source.height} now: changed since it was processed"

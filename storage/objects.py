@@ -680,6 +680,21 @@ def write_bytes(uri: str | os.PathLike, data: bytes, content_type: str | None = 
     raise ObjectStoreError(f"write {_display(uri)}: writing over http(s) is not supported")
 
 
+def read_bytes_retrying(uri: str | os.PathLike, *, timeout: float = 60.0) -> bytes:
+    """:func:`read_bytes`, called again after a backoff while it fails transiently (throttling,
+    5xx, resets, an endpoint that does not answer) for the retry budget ($PANOPTIC_RETRY_SECONDS,
+    storage/retry.py). For work that reads many objects (a job's images, an export), where one
+    transient error must not end it; a command's first look at a store uses read_bytes, so as to
+    say at once that the store is unreachable."""
+    return retry_transient(lambda: read_bytes(uri, timeout=timeout), what=f"read {_display(os.fspath(uri))}")
+
+
+def write_bytes_retrying(uri: str | os.PathLike, data: bytes, content_type: str | None = None) -> None:
+    """:func:`write_bytes` (unconditional), called again while it fails transiently, as
+    :func:`read_bytes_retrying` reads."""
+    retry_transient(lambda: write_bytes(uri, data, content_type), what=f"write {_display(os.fspath(uri))}")
+
+
 def stat(uri: str | os.PathLike) -> ObjectInfo:
     """Size and etag of one object; ``key`` is its last path component."""
     p = _parse(uri)

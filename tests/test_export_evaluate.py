@@ -535,7 +535,7 @@ def test_export_refuses_to_overwrite_the_job_outputs(local_job):
     assert not (root / "x.json").exists()
 
 
-def test_export_and_evaluate_a_job_on_s3(s3_bucket, tmp_path):
+def test_export_and_evaluate_a_job_on_s3(s3_server, s3_bucket, tmp_path):
     s3 = boto3.client("s3")
     files = job_images()
     for key, data in files.items():
@@ -561,6 +561,23 @@ def test_export_and_evaluate_a_job_on_s3(s3_bucket, tmp_path):
     assert_same(json.loads(by_job.stdout), reference)
     assert_same(json.loads(by_file.stdout), reference)
     assert json.loads(by_job.stdout)["images"] == 3
+
+    # The same export to S3 while the store fails a PNG, an output JSON and the export's own write
+    # six times each: more than boto3's 5 attempts, so only the retry budget gets them through.
+    from tests.fault_proxy import FaultProxy
+    [png, document] = [f"/{s3_bucket}/out/b/synthetic.{suffix}" for suffix in ("png", "json")]
+    written = f"/{s3_bucket}/export/s3job.json"
+    with FaultProxy(s3_server.endpoint_url, fault_rate=0.0) as proxy:
+        proxy.stubborn({png, document, written}.__contains__, failures=6)
+        flaky = CliRunner().invoke(main, ["export", job_id, "--out", f"s3://{s3_bucket}/export/s3job.json"],
+                                   env=dict(env, AWS_ENDPOINT_URL=proxy.endpoint_url))
+    assert flaky.exit_code == 0, flaky.output
+    assert all(proxy.requests[path] >= 7 for path in (png, document, written)), proxy.requests
+    again = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="export/s3job.json")["Body"].read())
+    assert again["annotations"] == json.loads(out.read_text())["annotations"]
+    exported_png = "export/s3job/b/synthetic.png"
+    assert (boto3.client("s3").get_object(Bucket=s3_bucket, Key=exported_png)["Body"].read()
+            == (tmp_path / "s3job" / "b" / "synthetic.png").read_bytes())
 
 
 def test_export_of_a_damaged_output_says_which_and_why(local_job, tmp_path):

@@ -351,12 +351,11 @@ def write_overlay(dest: str, stem: str, image: Image.Image, id_map: np.ndarray,
     overlay from them instead.
     """
     from storage import objects
-    from storage.retry import retry_transient
 
     uri = overlay_uri(dest, stem)
     try:
         data = overlay_jpeg(image, id_map, segments_info, label_map=label_map)
-        retry_transient(lambda: objects.write_bytes(uri, data, content_type="image/jpeg"), what=f"write {uri}")
+        objects.write_bytes_retrying(uri, data, content_type="image/jpeg")
         return True
     except Exception as exc:           # noqa: BLE001 - any failure here must leave the result alone
         log.warning("overlay %s not written (the result is): %s: %s", objects.mask_url(uri), type(exc).__name__, exc)

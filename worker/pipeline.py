@@ -30,7 +30,6 @@ import torch
 from storage import objects
 from storage.fenced import ClaimLost, publish
 from storage.jobs import ImageSuccess, JobStore
-from storage.retry import retry_transient
 
 from . import metrics
 from .batching import AspectBatcher
@@ -438,7 +437,7 @@ class ChunkProcessor:
             check_bytes(image.size, max_bytes)      # the listed size: refused before downloading
             # Transient store errors (5xx, SlowDown, resets) are retried with backoff; permanent
             # ones (not found, denied) and undecodable bytes fail this image at once.
-            data = retry_transient(lambda: objects.read_bytes(image.uri), what=f"read {image.uri}")
+            data = objects.read_bytes_retrying(image.uri)
             pixels = pixels_of(data)
             if max_pixels and pixels > max_pixels:
                 pixels = 0          # refused by decode_image before it decodes anything

@@ -130,12 +130,13 @@ def load_weights(source: str, variant: str) -> LoadedWeights:
     elif source.startswith(("http://", "https://")):
         data = _download_url(source).read_bytes()
     elif source.startswith("s3://"):
-        from storage.objects import ObjectNotFound, ObjectStoreError, read_bytes  # the only code that talks to S3
+        # storage is the only code that talks to S3; retried: a throttled store must not fail a chunk.
+        from storage.objects import ObjectNotFound, ObjectStoreError, read_bytes_retrying
         read_prefix = folder_reader(source, WeightsError)
         try:
             if source.endswith("/"):
                 return _load_transformers_folder(shown, shown, variant, read_prefix)
-            data = read_bytes(source)
+            data = read_bytes_retrying(source)
         except ObjectNotFound as exc:
             if read_prefix(CONFIG_FILE) is None:   # nor a checkpoint's prefix
                 raise WeightsError(f"cannot read weights from {shown}: {exc}") from exc
