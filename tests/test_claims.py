@@ -149,6 +149,23 @@ def _sqlite_store(folder) -> JobStore:
     return JobStore(f"sqlite:///{folder / 'panoptic-batch.db'}")
 
 
+def _slow_run(folder, n: int, chunk_size: int) -> tuple:
+    """A `run` of n small PNGs, one per batch, on the folder's SQLite database: (DEST, env, command)."""
+    import os
+
+    from .test_pipeline import exe
+
+    source, dest = folder / "in", folder / "out"
+    source.mkdir()
+    for i in range(n):
+        (source / f"img{i:02d}.png").write_bytes(png_bytes(i, size=(96, 80)))
+    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
+    command = [exe(), "run", str(source), "--dest", str(dest), "--model", "detr-r50", "--weights", "random",
+               "--min-size", "160", "--max-size", "200", "--threshold", "0", "--batch-size", "1",
+               "--chunk-size", str(chunk_size)]
+    return dest, env, command
+
+
 def _wait_until_succeeded(store: JobStore, process, folder, count: int) -> None:
     """Until the `run` process's job (in folder's SQLite database) has ``count`` images done."""
     deadline = time.monotonic() + 300
@@ -185,22 +202,13 @@ def test_a_second_signal_crossing_the_exit_of_an_interrupted_run_does_not_kill_i
 
 @pytest.mark.parametrize("signals", [("SIGINT",), ("SIGTERM", "SIGTERM")], ids=["sigint", "sigterm-twice"])
 def test_an_interrupted_run_gives_its_images_back_and_the_same_command_resumes_it(tmp_path, signals):
-    import os
     import signal
     import subprocess
-    import time
 
     from .test_pipeline import exe
 
-    source, dest = tmp_path / "in", tmp_path / "out"
-    source.mkdir()
     n = 10
-    for i in range(n):
-        (source / f"img{i:02d}.png").write_bytes(png_bytes(i, size=(96, 80)))
-    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
-    command = [exe(), "run", str(source), "--dest", str(dest), "--model", "detr-r50", "--weights", "random",
-               "--min-size", "160", "--max-size", "200", "--threshold", "0", "--batch-size", "1",
-               "--chunk-size", "4"]
+    dest, env, command = _slow_run(tmp_path, n, chunk_size=4)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     store = _sqlite_store(tmp_path)
@@ -253,23 +261,13 @@ def test_a_killed_run_is_resumed_by_the_same_command_and_a_live_one_is_not_taken
     """SIGKILL (the OOM killer's signal) gives `run` no chance to give its images back: the same
     command finds its job still running, refuses while the process holding its images exists
     (stopped here, so that it holds them for sure), and resumes the job once that process is gone."""
-    import os
     import signal
     import subprocess
 
     from worker.lease import holder_of
 
-    from .test_pipeline import exe
-
-    source, dest = tmp_path / "in", tmp_path / "out"
-    source.mkdir()
     n = 8
-    for i in range(n):
-        (source / f"img{i:02d}.png").write_bytes(png_bytes(i, size=(96, 80)))
-    env = {k: v for k, v in os.environ.items() if k != "PANOPTIC_DATABASE_URL"}
-    command = [exe(), "run", str(source), "--dest", str(dest), "--model", "detr-r50", "--weights", "random",
-               "--min-size", "160", "--max-size", "200", "--threshold", "0", "--batch-size", "1",
-               "--chunk-size", str(n)]                       # one chunk: all claimed at its start
+    dest, env, command = _slow_run(tmp_path, n, chunk_size=n)     # one chunk: all claimed at its start
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     store = _sqlite_store(tmp_path)
