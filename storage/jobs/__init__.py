@@ -12,8 +12,9 @@ hard way"):
   A worker whose lease expired and was re-claimed changes nothing.
 
 Tokens must be unique per claim (the workers' are random per chunk delivery, then name the holding
-process: worker/lease.py): fencing can only tell claims apart by their tokens. Lease expiry is compared against this process's clock
-(UTC), so the machines' clocks should agree to well within a lease.
+process: worker/lease.py): fencing can only tell claims apart by their tokens. Lease expiry is
+compared against this process's clock (UTC), so the machines' clocks should agree to well within
+a lease.
 
 `JobStore` is the one object the rest of the code uses. It is put together here from one part
 per idea, each in its own file:
