@@ -39,6 +39,13 @@ def _maybe_finish(conn: Connection, job_id: str, now: datetime) -> None:
     )
 
 
+def _newest_job_of_run(run_key: str, *conditions):
+    """The id of the newest job made by the `run` command of this ``run_key`` that meets ``conditions``."""
+    return (select(jobs_t.c.id)
+            .where(jobs_t.c.config["run_key"].as_string() == run_key, *conditions)
+            .order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(1))
+
+
 class JobStates(Transactions):
     """Cancelling, interrupting, resuming and reopening jobs."""
 
@@ -73,10 +80,7 @@ class JobStates(Transactions):
 
     def find_interrupted(self, run_key: str) -> str | None:
         """The newest interrupted job whose config has this ``run_key`` (the same `run` command)."""
-        return self._query(lambda conn: conn.scalar(
-            select(jobs_t.c.id)
-            .where(jobs_t.c.state == "interrupted", jobs_t.c.config["run_key"].as_string() == run_key)
-            .order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(1)))
+        return self._query(lambda conn: conn.scalar(_newest_job_of_run(run_key, jobs_t.c.state == "interrupted")))
 
     def find_unfinished(self, run_key: str) -> tuple[str, dict[str, datetime]] | None:
         """The newest submitted job with this ``run_key`` that is still pending or running (its
@@ -85,11 +89,8 @@ class JobStates(Transactions):
         now = utcnow()
 
         def query(conn: Connection) -> tuple[str, dict[str, datetime]] | None:
-            job_id = conn.scalar(
-                select(jobs_t.c.id)
-                .where(jobs_t.c.state.in_(_ACTIVE_JOB_STATES), jobs_t.c.submitted_at.is_not(None),
-                       jobs_t.c.config["run_key"].as_string() == run_key)
-                .order_by(jobs_t.c.created_at.desc(), jobs_t.c.id).limit(1))
+            job_id = conn.scalar(_newest_job_of_run(run_key, jobs_t.c.state.in_(_ACTIVE_JOB_STATES),
+                                                    jobs_t.c.submitted_at.is_not(None)))
             if job_id is None:
                 return None
             leases = conn.execute(
