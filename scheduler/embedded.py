@@ -57,10 +57,11 @@ def take_back_a_killed_run(store, run_key: str) -> str | None:
     if found is None:
         return None
     job_id, leases = found
+    holders = {token: holder_of(token) for token in leases}
     alive = {token: expires for token, expires in leases.items()
-             if (holder := holder_of(token)) is None or not holder.is_gone()}
+             if holders[token] is None or not holders[token].is_gone()}
     if alive:
-        here = sorted({holder.pid for token in alive if (holder := holder_of(token)) and holder.on_this_machine})
+        here = sorted({holders[token].pid for token in alive if holders[token] and holders[token].on_this_machine})
         if here:
             raise click.ClickException(
                 f"job {printable(job_id)} of this same command is being processed by process {here[0]} on this "

@@ -9,6 +9,7 @@ name no holder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -46,10 +47,15 @@ def _start_time(pid: int) -> str:
 THIS_MACHINE = _this_machine()
 
 
+@functools.lru_cache(maxsize=1)
+def _this_process(pid: int) -> str:
+    """Keyed by the id, so that a forked pool process names itself, not its parent."""
+    return f"{pid}:{_start_time(pid)}@{THIS_MACHINE}"
+
+
 def new_token() -> str:
     """A fresh token for one chunk's claims, naming this process (at most 64 characters)."""
-    pid = os.getpid()
-    return f"{uuid.uuid4().hex[:20]}.{pid}:{_start_time(pid)}@{THIS_MACHINE}"
+    return f"{uuid.uuid4().hex[:20]}.{_this_process(os.getpid())}"
 
 
 @dataclass(frozen=True)
