@@ -89,7 +89,9 @@ def _overlay_for(job: JobStatus, image: ImageRecord,
 
     if job.config.get("overlays"):
         try:
-            data = objects.read_bytes_retrying(overlay_uri(job.dest, output_stem(image.key)))
+            # One try: rendering is the fallback, and its own reads retry (retrying here too
+            # would wait out a store's outage twice).
+            data = objects.read_bytes(overlay_uri(job.dest, output_stem(image.key)))
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 overlay = im.convert("RGB")
